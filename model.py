@@ -742,6 +742,7 @@ def _atomic_dir(path: str):
 
 
 def _commit_dir(tmp: str, path: str):
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
     old = None
     if os.path.exists(path):
         old = path + ".old-" + os.path.basename(tmp)
