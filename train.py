@@ -167,6 +167,7 @@ def config_from_args(cls, argv=None, description: str = ""):
 
 
 def write_json_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
@@ -310,7 +311,8 @@ def build_model(source, cfg: TrainConfig, device: torch.device, train: bool = Tr
         model = Transformer(args)
     model = parallelize(model, cfg, device, train=train)
     model.to_empty(device=device)
-    if args.tied_embeddings and not is_sharded(model):
+    # to_empty can split a tied pair; re-tie unless FSDP2 owns the (root-level) embedding, where the tie holds
+    if args.tied_embeddings and not isinstance(model.embed_tokens.weight, DTensor):
         model.lm_head.weight = model.embed_tokens.weight
     if from_ckpt:
         load_weights(model, source)

@@ -1,0 +1,656 @@
+"""Cascade Distillation, Algorithm 1 end to end: prune, distil short, distil long, repeat.
+
+Reading guide
+-------------
+Concept: PAPER.md section 1, Algorithm 1:
+
+    parent = MS3.1
+    for size in [14B, 8B, 3B]:
+        init       = prune(parent, size)                       # prune.py, section 4
+        short      = distill(init, teacher=MS3.1, ctx=16384)   # distill.py, section 5
+        base[size] = distill(short, teacher=MS3.1, ctx=262144) # long context, YaRN + query temperature
+        parent     = short                                     # the SHORT child seeds the next size
+
+`run_cascade` below is that loop. Each stage writes a Hugging Face checkpoint and a `done.json`
+under `--out/<stage>/`; a rerun skips finished stages and resumes an interrupted one from its last
+training checkpoint (train.py), so the same command is safe to repeat.
+
+Two ways to run it:
+  * `python cascade.py`: the embedded default. No GPU, no downloads: a tiny Ministral-shaped parent is
+    trained on text that ships with Python (data.py) with a truncated Tekken vocabulary, then
+    cascaded down three sizes whose layer / hidden / FFN ratios follow 24B -> 14B -> 8B -> 3B. Ends
+    with a retention table (the paper's Table 3 in miniature), a from-scratch baseline, and a plot.
+  * `torchrun --nproc_per_node=8 cascade.py --size 3b --parent PATH --data SHARDS`: a real parent
+    (Hugging Face or Mistral-native) and the real 14B/8B/3B shapes, FSDP2 through train.py.
+
+Deviations from the paper, and why:
+ 1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
+    uses a few hundred thousand tokens at 128 then 256 tokens (YaRN factor 2 instead of 16, the
+    query temperature's L = the short length), and revisits its small corpus for several epochs.
+ 2. Retention is measured as held-out cross-entropy and KL to the teacher, not benchmark scores:
+    "kept" = (ln V - CE_child) / (ln V - CE_parent), the share of the parent's gain over a uniform
+    guess that the child keeps (1.0 = as good as the parent).
+ 3. Pruning needs whole tensors: in a multi-GPU run every rank holds the full source model (24B in
+    bf16: 47 GiB, beside its 1/N of the sharded teacher) and calibrates on its own share of the
+    sequences; the statistics are all-reduced, so all ranks cut the same units, and rank 0 writes the
+    child. Distillation is fully sharded (FSDP2) for teacher and student.
+ 4. The teacher stays the original parent for every size, as in the paper; `--teacher PATH` swaps it
+    for the larger-teacher ablation.
+
+Run: `python cascade.py` (about 8 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
+experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
+Depends on: model.py, data.py, prune.py, distill.py, train.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+import data as D
+import distill as DI
+import model as M
+import prune as P
+import train as TR
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class CascadeConfig:
+    out: str = "runs/cascade"  # every stage's checkpoint, report and metrics go under here
+    size: str = "3b"  # the last size of the cascade: 14b, 8b or 3b (Algorithm 1 stops there)
+    shapes: Optional[str] = None  # custom cascade instead of --size: "layers:dim:ffn[:tied],..." e.g. "4:64:256,3:48:192:tied"
+    parent: Optional[str] = None  # HF or Mistral-native checkpoint; None = train the embedded tiny parent
+    data: Optional[str] = None  # token shards (python data.py prepare) or .txt/.jsonl; None = Python corpus
+    val_data: Optional[str] = None  # held-out tokens; None = the corpus's own split
+    tokenizer: Optional[str] = None  # tekken.json; None = the parent's own, else mistral-common's
+    teacher: Optional[str] = None  # None = the parent (paper); a path = the larger-teacher ablation
+    preset: str = "cpu"  # the embedded experiment's scale: cpu (minutes on 2 cores), gpu, or smoke (seconds, tests)
+    seed: int = 0
+    # Stage lengths; None takes the preset's value.
+    parent_steps: Optional[int] = None  # pretraining of the embedded parent (next-token CE)
+    short_steps: Optional[int] = None  # short-context distillation per size (section 5)
+    long_steps: Optional[int] = None  # long-context distillation per size
+    batch_size: Optional[int] = None  # global sequences per optimizer step
+    micro_batch_size: Optional[int] = None  # per rank
+    seq_len: Optional[int] = None  # short context (paper: 16384)
+    long_seq_len: Optional[int] = None  # long context (paper: 262144)
+    lr: Optional[float] = None  # peak learning rate of the parent's pretraining and the baseline
+    distill_lr: Optional[float] = None  # peak learning rate of the distillation stages (a pruned child starts close)
+    dtype: Optional[str] = None  # fp32 or bf16
+    calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
+    eval_batches: int = 8  # held-out batches for every CE/KL figure
+    max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
+    layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
+    ce_weight: float = 0.0  # 0 = forward KL alone (paper); >0 mixes in next-token CE (ablation)
+    temperature: float = 1.0  # distillation temperature T
+    baseline: bool = True  # train the smallest size from scratch on the same tokens, for the table
+    ablation: Optional[str] = None  # kl_vs_mix | layer_selection | teacher: 3 seeds, mean and spread
+    ablation_seeds: int = 3
+
+
+# The embedded experiment. The parent's ratios follow MS3.1; each child applies the real
+# child/MS3.1 ratios of layers, hidden and FFN (40/40/34/26, 5120/5120/4096/3072, 32768/16384/14336/9216).
+DEMO_PARENT = {
+    "cpu": M.ModelArgs(dim=192, n_layers=6, head_dim=32, hidden_dim=1152, n_heads=6, n_kv_heads=2,
+                       vocab_size=4096, rope_theta=1e4, max_seq_len=4096),
+    "gpu": M.ModelArgs(dim=768, n_layers=16, head_dim=64, hidden_dim=4608, n_heads=12, n_kv_heads=4,
+                       vocab_size=16384, rope_theta=1e6, max_seq_len=8192),
+    "smoke": M.ModelArgs(dim=64, n_layers=4, head_dim=16, hidden_dim=384, n_heads=4, n_kv_heads=2,
+                         vocab_size=2048, rope_theta=1e4, max_seq_len=1024),
+}
+PRESET_STAGES = {
+    "cpu": dict(parent_steps=300, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
+                seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64),
+    "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
+                seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256),
+    "smoke": dict(parent_steps=150, short_steps=20, long_steps=6, batch_size=8, micro_batch_size=8,
+                  seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16),
+}
+REAL_SIZES = ["14b", "8b", "3b"]
+RATIOS = {  # (layers, dim, ffn) of each real child relative to MS3.1 (section 2 table)
+    "14b": (40 / 40, 5120 / 5120, 16384 / 32768),
+    "8b": (34 / 40, 4096 / 5120, 14336 / 32768),
+    "3b": (26 / 40, 3072 / 5120, 9216 / 32768),
+}
+
+
+def miniature(parent: M.ModelArgs, size: str, short_len: int) -> M.ModelArgs:
+    """The demo child for a real size name: the parent's shape scaled by that size's ratios, with the
+    real child's rope recipe (YaRN and the query temperature, L = the short context) and tying."""
+    rl, rd, rf = RATIOS[size]
+    real = M.ModelArgs.preset(size)
+    return dataclasses.replace(
+        parent, n_layers=max(1, round(parent.n_layers * rl)), dim=8 * max(1, round(parent.dim * rd / 8)),
+        hidden_dim=8 * max(1, round(parent.hidden_dim * rf / 8)), tied_embeddings=real.tied_embeddings,
+        yarn_factor=None, qtemp_beta=None, yarn_original_max_pos=short_len, qtemp_original_max_pos=short_len)
+
+
+def resolved(cfg: CascadeConfig) -> CascadeConfig:
+    """Fill the None stage lengths from the preset."""
+    if cfg.preset not in PRESET_STAGES:
+        raise ValueError(f"--preset {cfg.preset!r} is unknown: choose one of {', '.join(PRESET_STAGES)}")
+    fill = {k: v for k, v in PRESET_STAGES[cfg.preset].items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **fill)
+
+
+# -----------------------------------------------------------------------------
+# The plan: every shape, checked before any long work starts
+
+
+@dataclass
+class Plan:
+    parent_args: M.ModelArgs
+    sizes: list  # [(name, ModelArgs)] in cascade order
+    fingerprint: dict = field(default_factory=dict)
+
+
+def parse_shapes(text: str, parent: M.ModelArgs) -> list:
+    """--shapes "L:D:F[:tied],..." -> [(name, ModelArgs)]: the parent's heads, vocabulary and rope recipe."""
+    sizes = []
+    for i, item in enumerate(text.split(",")):
+        parts = item.strip().split(":")
+        try:
+            if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "tied"):
+                raise ValueError
+            L, d, f = (int(p) for p in parts[:3])
+        except ValueError:
+            raise ValueError(f"--shapes item {item!r} is not layers:dim:ffn[:tied] with integers, e.g. 3:48:192:tied") from None
+        if min(L, d, f) <= 0:
+            raise ValueError(f"--shapes item {item!r} has a zero or negative size: every number must be positive")
+        sizes.append((f"s{i + 1}_{L}x{d}x{f}", dataclasses.replace(parent, n_layers=L, dim=d, hidden_dim=f,
+                                                                   tied_embeddings=len(parts) == 4)))
+    return sizes
+
+
+def make_plan(cfg: CascadeConfig) -> Plan:
+    if cfg.size not in REAL_SIZES:
+        raise ValueError(f"--size {cfg.size!r} is not a cascade size: choose 14b, 8b or 3b (or give --shapes)")
+    names = REAL_SIZES[: REAL_SIZES.index(cfg.size) + 1]
+    if cfg.parent is None:
+        parent = DEMO_PARENT[cfg.preset]
+    else:
+        parent, _ = M.read_checkpoint_args(cfg.parent)  # raises one clear line for an unreadable parent
+    if cfg.shapes:
+        sizes = parse_shapes(cfg.shapes, parent)
+    elif cfg.parent is None:
+        sizes = [(n, miniature(parent, n, cfg.seq_len)) for n in names]
+    else:
+        sizes = [(n, M.ModelArgs.preset(n)) for n in names]
+    for name, a in sizes:
+        for k in ("n_layers", "dim", "hidden_dim"):
+            if getattr(a, k) > getattr(parent, k):
+                raise ValueError(f"size {name} needs {k}={getattr(a, k)} but the parent has {getattr(parent, k)}: "
+                                 f"the cascade only prunes; pick a smaller --size / --shapes or a larger parent")
+        if (a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size) != (parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size):
+            raise ValueError(f"size {name} has heads/vocab {(a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size)} but the "
+                             f"parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: heads "
+                             f"and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
+    fp = {k: getattr(cfg, k) for k in ("size", "shapes", "parent", "data", "tokenizer", "teacher", "preset", "seed",
+                                       "layer_selection", "ce_weight", "temperature", "seq_len", "long_seq_len")}
+    fp["parent_args"] = dataclasses.asdict(parent)
+    return Plan(parent, sizes, fp)
+
+
+def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int):
+    """Refuse an --out that holds another run's stages; record ours otherwise."""
+    path = os.path.join(cfg.out, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f).get("fingerprint", {})
+        ours = json.loads(json.dumps(plan.fingerprint))
+        diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        if diff:
+            raise ValueError(f"--out {cfg.out} holds stages of another run (different {', '.join(diff)}): choose a new "
+                             f"--out, or delete that folder to start over")
+    elif os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is not empty and holds no run.json: choose a new --out")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        TR.write_json_atomic(path, {"fingerprint": plan.fingerprint, "config": dataclasses.asdict(cfg)})
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(cfg: CascadeConfig, plan: Plan):
+    tok_path = cfg.tokenizer
+    if tok_path is None and cfg.parent and os.path.exists(os.path.join(cfg.parent, "tekken.json")):
+        tok_path = os.path.join(cfg.parent, "tekken.json")
+    # A tiny parent's vocabulary is a truncated Tekken (data.py, deviation 2); a real one is the whole file.
+    tok = D.Tokenizer.from_file(tok_path, vocab_size=plan.parent_args.vocab_size)
+    if tok.vocab_size != plan.parent_args.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the parent's vocabulary is "
+                         f"{plan.parent_args.vocab_size}: pass the parent's own tekken.json with --tokenizer")
+    if cfg.data is None:
+        train_docs, val_docs = D.python_corpus(val_fraction=0.15, seed=cfg.seed)  # ~9% of tokens held out
+        return tok, D.tokenize_documents(train_docs, tok), D.tokenize_documents(val_docs, tok)
+    train_tokens = _tokens_from(cfg.data, tok)
+    if cfg.val_data:
+        return tok, train_tokens, _tokens_from(cfg.val_data, tok)
+    n_val = max(len(train_tokens) // 50, (cfg.eval_batches * cfg.micro_batch_size + 1) * cfg.seq_len + 1)
+    if n_val * 2 > len(train_tokens):
+        raise ValueError(f"--data {cfg.data} holds {len(train_tokens)} tokens, too few to hold out {n_val} for "
+                         f"evaluation: give more data or --val-data")
+    return tok, train_tokens[:-n_val], train_tokens[-n_val:]
+
+
+def _tokens_from(path: str, tok):
+    if path.endswith((".txt", ".jsonl")):
+        return D.tokenize_documents(D.read_documents([path]), tok)
+    return D.load_tokens(path, tok)
+
+
+def check_data(cfg: CascadeConfig, n_train: int, n_val: int, world: int):
+    needs = {"short": cfg.short_steps * cfg.batch_size * cfg.seq_len,
+             "long": cfg.long_steps * cfg.batch_size * cfg.long_seq_len}
+    if cfg.parent is None:
+        needs["parent"] = cfg.parent_steps * cfg.batch_size * cfg.long_seq_len
+    for stage, n in needs.items():
+        if n > cfg.max_epochs * n_train:
+            raise ValueError(f"the {stage} stage needs {n:,} tokens but the data has {n_train:,} (--max-epochs "
+                             f"{cfg.max_epochs}): give more data, fewer steps, or raise --max-epochs")
+    need_val = cfg.eval_batches * (cfg.micro_batch_size * world) * cfg.seq_len + 1
+    if n_val < need_val:
+        raise ValueError(f"the held-out data has {n_val:,} tokens, fewer than the {need_val:,} that --eval-batches "
+                         f"{cfg.eval_batches} needs: give more --val-data or lower --eval-batches")
+
+
+# -----------------------------------------------------------------------------
+# Stages
+
+
+class Stages:
+    """Finished stages are skipped: their checkpoint and done.json are read back instead."""
+
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx = cfg, ctx
+
+    def dir(self, name):
+        return os.path.join(self.cfg.out, name)
+
+    def done(self, name) -> Optional[dict]:
+        path = os.path.join(self.dir(name), "done.json")
+        if os.path.exists(path):
+            log(self.ctx, f"== stage {name}: finished earlier, skipped")
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def finish(self, name, info: dict) -> dict:
+        """train() has exported <stage>/model; done.json marks the stage finished."""
+        if self.ctx.rank == 0:
+            TR.write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
+        TR.barrier()
+        return info
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+    tok: object
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+
+
+def train_config(cfg: CascadeConfig, ctx: Context, out_dir: str, steps: int, seq_len: int, lr=None) -> TR.TrainConfig:
+    return TR.TrainConfig(out_dir=out_dir, steps=steps, batch_size=cfg.batch_size,
+                          micro_batch_size=cfg.micro_batch_size, seq_len=seq_len, lr=lr or cfg.lr,
+                          warmup_steps=max(1, steps // 10), dtype=cfg.dtype, seed=cfg.seed, resume=True,
+                          ckpt_every=max(1, steps // 4), log_every=max(1, steps // 10))
+
+
+def loader(ctx: Context, tokens, cfg: CascadeConfig, seq_len: int, seed: int):
+    return D.PackedLoader(tokens, cfg.micro_batch_size, seq_len, seed=seed, rank=ctx.rank, world_size=ctx.world)
+
+
+def build(source, ctx: Context, cfg: CascadeConfig, train=True):
+    """A checkpoint path or a ModelArgs (fresh init) -> a model built on meta, sharded, materialised (train.py)."""
+    return TR.build_model(source, train_config(cfg, ctx, "", 1, cfg.seq_len), ctx.device, train=train,
+                          init_seed=cfg.seed)
+
+
+def evaluate(student, teacher, ctx: Context, cfg: CascadeConfig, seq_len: int) -> dict:
+    val = loader(ctx, ctx.val_tokens, cfg, seq_len, seed=1234)
+    return DI.evaluate_pair(student, teacher, val, cfg.eval_batches)
+
+
+def stage_parent(cfg, ctx, stages: Stages, plan: Plan) -> str:
+    """The parent checkpoint path: the user's, or the embedded tiny parent trained here."""
+    if cfg.parent is not None:
+        return cfg.parent
+    name = "parent"
+    if stages.done(name) is None:
+        log(ctx, f"== stage {name}: pretrain the tiny parent ({M.num_params(plan.parent_args):,} parameters) "
+                 f"for {cfg.parent_steps} steps at {cfg.long_seq_len} tokens")
+        model = build(plan.parent_args, ctx, cfg)
+        tcfg = train_config(cfg, ctx, stages.dir(name), cfg.parent_steps, cfg.long_seq_len)
+        TR.train(model, loader(ctx, ctx.train_tokens, cfg, cfg.long_seq_len, cfg.seed), DI.ce_loss_fn(DI.DistillConfig()),
+                 tcfg, device=ctx.device, name=name)
+        stages.finish(name, {"tokens": cfg.parent_steps * cfg.batch_size * cfg.long_seq_len})
+    return os.path.join(stages.dir(name), "model")
+
+
+def stage_prune(cfg, ctx, stages, name, source_path, target: M.ModelArgs) -> str:
+    """Deviation 3: every rank holds the full source model on its device and calibrates on its own share
+    of the sequences; prune.py all-reduces the statistics, so every rank makes the same cuts; rank 0
+    writes the child."""
+    if stages.done(name) is None:
+        log(ctx, f"== stage {name}: prune {source_path} to layers={target.n_layers} dim={target.dim} ffn={target.hidden_dim}")
+        parent = M.load_model(source_path, device=ctx.device)
+        calib_loader = loader(ctx, ctx.train_tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
+        n_batches = max(1, cfg.calib_seqs // (cfg.micro_batch_size * ctx.world))
+        calib = [calib_loader.batch(i)[0].to(ctx.device) for i in range(n_batches)]
+        child, report = P.prune(parent, target, calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed))
+        if ctx.rank == 0:
+            M.save_model(child, os.path.join(stages.dir(name), "model"))
+            TR.write_json_atomic(os.path.join(stages.dir(name), "report.json"), P.report_to_json(report))
+        TR.barrier()
+        stages.finish(name, {"params": M.num_params(child.args)})
+        del parent, child
+    return os.path.join(stages.dir(name), "model")
+
+
+def stage_distill(cfg, ctx, stages, name, init_path, teacher, long_context: bool, steps: int, seed: int) -> str:
+    if stages.done(name) is None:
+        seq = cfg.long_seq_len if long_context else cfg.seq_len
+        args, _ = M.read_checkpoint_args(init_path)
+        log(ctx, f"== stage {name}: distil {M.num_params(args):,} parameters for {steps} steps at {seq} tokens"
+                 f"{' (YaRN + query temperature)' if long_context else ''}")
+        student = build(init_path, ctx, cfg)
+        tcfg = train_config(cfg, ctx, stages.dir(name), steps, seq, lr=cfg.distill_lr)
+        dcfg = DI.DistillConfig(temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                                long_yarn_factor=cfg.long_seq_len / cfg.seq_len,
+                                long_original_max_pos=cfg.seq_len)
+        DI.distill(student, teacher, loader(ctx, ctx.train_tokens, cfg, seq, seed), tcfg, dcfg, device=ctx.device,
+                   long_context=long_context)
+        stages.finish(name, {"tokens": steps * cfg.batch_size * seq})
+    return os.path.join(stages.dir(name), "model")
+
+
+def stage_eval(cfg, ctx, stages, name, path, teacher, seq_len) -> dict:
+    """Held-out CE and KL of a checkpoint, cached in <stage>/eval.json."""
+    cache = os.path.join(stages.dir(name), "eval.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    args, _ = M.read_checkpoint_args(path)
+    model = build(path, ctx, cfg, train=False)
+    result = evaluate(model, teacher, ctx, cfg, seq_len) | {"params": M.num_params(args)}
+    if ctx.rank == 0:
+        TR.write_json_atomic(cache, result)
+    TR.barrier()
+    return result
+
+
+def stage_baseline(cfg, ctx, stages, name, args: M.ModelArgs, tokens_budget: int, seq_len: int) -> str:
+    """The smallest size from random initialisation, trained with next-token CE on the same number of
+    tokens as its cascade child's own distillation stages."""
+    if stages.done(name) is None:
+        steps = max(1, tokens_budget // (cfg.batch_size * seq_len))
+        log(ctx, f"== stage {name}: train {M.num_params(args):,} parameters from scratch for {steps} steps")
+        model = build(args, ctx, cfg)
+        tcfg = train_config(cfg, ctx, stages.dir(name), steps, seq_len)
+        TR.train(model, loader(ctx, ctx.train_tokens, cfg, seq_len, cfg.seed + 99), DI.ce_loss_fn(DI.DistillConfig()),
+                 tcfg, device=ctx.device, name=name)
+        stages.finish(name, {"tokens": steps * cfg.batch_size * seq_len})
+    return os.path.join(stages.dir(name), "model")
+
+
+# -----------------------------------------------------------------------------
+# Algorithm 1
+
+
+def prepare(cfg: CascadeConfig, rank: int, world: int, device) -> tuple[Context, Plan]:
+    """Every check that can fail, before any long work: shapes, parent, teacher, data, --out."""
+    t0 = time.time()
+    log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
+    plan = make_plan(cfg)
+    if cfg.teacher is not None:
+        M.read_checkpoint_args(cfg.teacher)
+    tok, train_tokens, val_tokens = load_data(cfg, plan)
+    check_data(cfg, len(train_tokens), len(val_tokens), world)
+    claim_out_dir(cfg, plan, rank)
+    TR.barrier()
+    ctx = Context(rank, world, device, tok, train_tokens, val_tokens)
+    log(ctx, f"data: {len(train_tokens):,} train / {len(val_tokens):,} held-out tokens, vocab {tok.vocab_size} "
+             f"({time.time() - t0:.1f}s)")
+    return ctx, plan
+
+
+def run_cascade(cfg: CascadeConfig) -> dict:
+    cfg = resolved(cfg)
+    rank, world, _, device = TR.setup_distributed()
+    try:
+        t0 = time.time()
+        ctx, plan = prepare(cfg, rank, world, device)
+        stages = Stages(cfg, ctx)
+        if cfg.ablation:
+            return run_ablation(cfg, ctx, plan, stages)
+
+        parent_path = stage_parent(cfg, ctx, stages, plan)
+        teacher_path = cfg.teacher or parent_path
+        teacher = build(teacher_path, ctx, cfg, train=False)
+        rows = [{"stage": "parent", **stage_eval(cfg, ctx, stages, "parent", parent_path, teacher, cfg.seq_len)}]
+
+        current = parent_path  # Algorithm 1: `parent` in the loop
+        child_tokens = 0
+        for name, target in plan.sizes:
+            init = stage_prune(cfg, ctx, stages, f"{name}/init", current, target)
+            short = stage_distill(cfg, ctx, stages, f"{name}/short", init, teacher, False, cfg.short_steps, cfg.seed + 1)
+            base = stage_distill(cfg, ctx, stages, f"{name}/long", short, teacher, True, cfg.long_steps, cfg.seed + 2)
+            rows.append({"stage": f"{name} pruned", **stage_eval(cfg, ctx, stages, f"{name}/init", init, teacher, cfg.seq_len)})
+            rows.append({"stage": f"{name} short", **stage_eval(cfg, ctx, stages, f"{name}/short", short, teacher, cfg.seq_len)})
+            rows.append({"stage": f"{name} base", **stage_eval(cfg, ctx, stages, f"{name}/long", base, teacher, cfg.seq_len)})
+            current = short  # the SHORT-context child seeds the next size
+            child_tokens = cfg.short_steps * cfg.batch_size * cfg.seq_len + cfg.long_steps * cfg.batch_size * cfg.long_seq_len
+        if cfg.baseline:
+            last_name, last_args = plan.sizes[-1]
+            b = stage_baseline(cfg, ctx, stages, "baseline", last_args, child_tokens, cfg.seq_len)
+            rows.append({"stage": f"{last_name} from scratch", **stage_eval(cfg, ctx, stages, "baseline", b, teacher, cfg.seq_len)})
+        if rank == 0:
+            write_results(cfg, rows, plan)
+        log(ctx, f"cascade finished in {time.time() - t0:.0f}s; results in {cfg.out}/results")
+        return {"rows": rows}
+    finally:
+        TR.teardown_distributed()
+
+
+def log(ctx_or_rank, msg: str):
+    rank = ctx_or_rank if isinstance(ctx_or_rank, int) else ctx_or_rank.rank
+    if rank == 0:
+        print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Ablations the paper reports (section 1 "teacher findings"), on the embedded experiment
+
+
+ABLATIONS = {  # name -> {variant: CascadeConfig overrides}
+    "kl_vs_mix": {"KL only (paper)": {}, "0.5 KL + 0.5 CE": {"ce_weight": 0.5}},
+    "layer_selection": {m: {"layer_selection": m} for m in ("norm_ratio", "block_influence", "random", "last_k")},
+    "teacher": {"parent as teacher (paper)": {}, "larger teacher": {"teacher": "larger"}},
+}
+
+
+def larger_teacher(parent: M.ModelArgs) -> M.ModelArgs:
+    """The larger-teacher ablation's teacher: the parent with 1.5x layers, width and FFN."""
+    return dataclasses.replace(parent, n_layers=parent.n_layers * 3 // 2, dim=8 * round(parent.dim * 1.5 / 8),
+                               hidden_dim=8 * round(parent.hidden_dim * 1.5 / 8))
+
+
+def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -> dict:
+    """One cascade step per run: prune the trained parent straight to the last size, distil it at short
+    context, and measure held-out CE and KL to the parent. Every variant runs ablation_seeds seeds; the
+    table gives mean and spread (population std). The parent (and any larger teacher) is trained once."""
+    if cfg.ablation not in ABLATIONS:
+        raise ValueError(f"--ablation {cfg.ablation!r} is unknown: choose one of {', '.join(ABLATIONS)}")
+    if cfg.parent is not None:
+        raise ValueError("--ablation runs on the embedded experiment: drop --parent")
+    parent_path = stage_parent(cfg, ctx, stages, plan)
+    parent = build(parent_path, ctx, cfg, train=False)
+    name, target = plan.sizes[-1]
+    results = {}
+    for variant, overrides in ABLATIONS[cfg.ablation].items():
+        runs = []
+        for s in range(cfg.ablation_seeds):
+            vcfg = dataclasses.replace(cfg, seed=cfg.seed + s, **{k: v for k, v in overrides.items() if k != "teacher"})
+            teacher, tag = parent, f"{cfg.ablation}/{slug(variant)}/seed{s}"
+            if overrides.get("teacher") == "larger":
+                big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
+                big_path = stage_parent(dataclasses.replace(cfg, seed=cfg.seed), ctx, Stages(
+                    dataclasses.replace(cfg, out=os.path.join(cfg.out, "larger_teacher")), ctx), big)
+                teacher = build(big_path, ctx, cfg, train=False)
+            init = stage_prune(vcfg, ctx, stages, f"{tag}/init", parent_path, target)
+            short = stage_distill(vcfg, ctx, stages, f"{tag}/short", init, teacher, False, cfg.short_steps, vcfg.seed + 1)
+            # KL is always measured against the parent, so the two teachers are compared on one scale
+            runs.append({"pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
+                         "distilled": stage_eval(vcfg, ctx, stages, f"{tag}/short", short, parent, cfg.seq_len)})
+        results[variant] = runs
+    parent_eval = stage_eval(cfg, ctx, stages, "parent", parent_path, parent, cfg.seq_len)
+    if ctx.rank == 0:
+        write_ablation(cfg, results, parent_eval, name)
+    return results
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def mean_std(xs: list) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def write_ablation(cfg: CascadeConfig, results: dict, parent_eval: dict, size: str):
+    lines = [f"# Ablation `{cfg.ablation}` ({len(next(iter(results.values())))} seeds from {cfg.seed}; parent -> "
+             f"{size} miniature, {cfg.short_steps} short-context distillation steps)", "",
+             f"Parent held-out CE {parent_eval['ce']:.3f}.", "",
+             "| variant | CE after pruning | CE after distillation | KL to parent after distillation |",
+             "|---|---:|---:|---:|"]
+    for variant, runs in results.items():
+        cells = []
+        for stage, key in (("pruned", "ce"), ("distilled", "ce"), ("distilled", "kl")):
+            m, s = mean_std([r[stage][key] for r in runs])
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    out = os.path.join(cfg.out, "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"ablation_{cfg.ablation}.md"), "w") as f:
+        f.write(text)
+    TR.write_json_atomic(os.path.join(out, f"ablation_{cfg.ablation}.json"), {"parent": parent_eval, "runs": results})
+    print("\n" + text)
+
+
+# -----------------------------------------------------------------------------
+# Results: the retention table and the loss curves
+
+
+def retention(ce: float, parent_ce: float, vocab: int) -> float:
+    """Deviation 2: the share of the parent's gain over a uniform guess (ln V) that a model keeps."""
+    return (math.log(vocab) - ce) / (math.log(vocab) - parent_ce)
+
+
+def results_table(rows: list, vocab: int) -> str:
+    parent_ce = rows[0]["ce"]
+    lines = ["| model | parameters | held-out CE | KL to teacher | kept |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['params']:,} | {r['ce']:.3f} | {r['kl']:.3f} | "
+                     f"{100 * retention(r['ce'], parent_ce, vocab):.1f}% |")
+    return "\n".join(lines)
+
+
+def write_results(cfg: CascadeConfig, rows: list, plan: Plan):
+    out = os.path.join(cfg.out, "results")
+    os.makedirs(out, exist_ok=True)
+    table = results_table(rows, plan.parent_args.vocab_size)
+    note = ("kept = (ln V - CE) / (ln V - CE_parent): the share of the parent's gain over a uniform guess that a "
+            "model keeps. 'pruned' is right after pruning, 'short' after short-context distillation, 'base' after "
+            "long-context distillation; CE and KL are measured at the short context.")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"# Cascade retention ({cfg.out})\n\n{table}\n\n{note}\n")
+    TR.write_json_atomic(os.path.join(out, "table.json"), rows)
+    curves = {}
+    for stage in ["parent"] + [f"{n}/{s}" for n, _ in plan.sizes for s in ("short", "long")] + ["baseline"]:
+        path = os.path.join(cfg.out, stage, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                pts = [json.loads(line) for line in f if line.strip()]
+            curves[stage] = [(p["step"], p["loss"]) for p in pts if "loss" in p and "step" in p]
+    plot_curves(curves, os.path.join(out, "curves.png"))
+    print("\n" + table + "\n\n" + note)
+
+
+def plot_curves(curves: dict, path: str, size=(960, 600)):
+    """A small line plot drawn with pillow (no plotting dependency): loss against step, one line a stage."""
+    from PIL import Image, ImageDraw  # pillow is a project dependency; only this function draws
+
+    W, H = size
+    left, right, top, bottom = 70, 220, 30, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pts = [p for c in curves.values() for p in c]
+    if not pts:
+        img.save(path)
+        return
+    xmax = max(p[0] for p in pts) or 1
+    ys = [p[1] for p in pts if math.isfinite(p[1])]
+    ymin, ymax = min(ys), max(ys)
+    ymax = ymax if ymax > ymin else ymin + 1
+    X = lambda x: left + (W - left - right) * x / xmax
+    Y = lambda y: top + (H - top - bottom) * (1 - (y - ymin) / (ymax - ymin))
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(6):
+        yv = ymin + (ymax - ymin) * i / 5
+        d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
+        d.text((5, Y(yv) - 6), f"{yv:.2f}", fill="black")
+        xv = xmax * i / 5
+        d.line([X(xv), H - bottom, X(xv), H - bottom + 4], fill="black")
+        d.text((X(xv) - 10, H - bottom + 8), f"{int(xv)}", fill="black")
+    d.text((left + (W - left - right) // 2 - 20, H - 22), "step", fill="black")
+    d.text((left, 8), "training loss (parent and baseline: CE; children: KL to the teacher)", fill="black")
+    colors = ["black", "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#9467bd"]
+    for i, (name, c) in enumerate(curves.items()):
+        col = colors[i % len(colors)]
+        if len(c) > 1:
+            d.line([(X(x), Y(y)) for x, y in c if math.isfinite(y)], fill=col, width=2)
+        d.line([W - right + 15, top + 15 + 18 * i, W - right + 40, top + 15 + 18 * i], fill=col, width=3)
+        d.text((W - right + 45, top + 9 + 18 * i), name, fill="black")
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def config_from_argv(argv=None) -> CascadeConfig:
+    return TR.config_from_args(CascadeConfig, argv, description=__doc__.split("\n")[0])
+
+
+def main(argv=None):
+    cfg = config_from_argv(argv)
+    try:
+        run_cascade(cfg)
+    except (ValueError, FileNotFoundError, M.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""cascade.py: the demo's code path at a small size, the real-format path under torchrun, rerun and
+resume, and bad input refused before any long work."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cascade as C  # noqa: E402
+import data as D  # noqa: E402
+import model as M  # noqa: E402
+
+SMOKE = ["--preset", "smoke", "--eval-batches", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: OpenMP's spin-waits cost more than they give, badly so when another process holds a
+    # core (seen: 15 s alone, 200 s beside a busy process). Results do not depend on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_main(argv):
+    """cascade.main in-process: returns (exit code, stderr text) for the error paths."""
+    try:
+        C.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    t0 = time.time()
+    result = C.run_cascade(C.config_from_argv(SMOKE + ["--out", str(out)]))
+    return out, result, time.time() - t0
+
+
+def test_demo_code_path_small(smoke_run):
+    out, result, seconds = smoke_run
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows) == ["parent", "14b pruned", "14b short", "14b base", "8b pruned", "8b short", "8b base",
+                          "3b pruned", "3b short", "3b base", "3b from scratch"]
+    for size in ("14b", "8b", "3b"):
+        # distillation lowers the distillation objective (KL to the teacher) of every child
+        assert rows[f"{size} short"]["kl"] < rows[f"{size} pruned"]["kl"], size
+        assert rows[f"{size} pruned"]["params"] < rows["parent"]["params"]
+    assert rows["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the parent is the teacher
+    for f in ("table.md", "table.json", "curves.png"):
+        assert os.path.getsize(out / "results" / f) > 0
+    table = (out / "results" / "table.md").read_text()
+    assert "| 3b from scratch |" in table and "kept" in table
+    # every stage left a reloadable checkpoint of exactly its planned shape
+    plan = C.make_plan(C.resolved(C.config_from_argv(SMOKE)))
+    for name, args in plan.sizes:
+        for stage in ("init", "short", "long"):
+            got, _ = M.read_checkpoint_args(str(out / name / stage / "model"))
+            assert (got.n_layers, got.dim, got.hidden_dim, got.tied_embeddings) == \
+                (args.n_layers, args.dim, args.hidden_dim, args.tied_embeddings)
+    assert M.read_checkpoint_args(str(out / "3b" / "long" / "model"))[0].yarn_factor == 2.0  # long stage: YaRN
+
+
+def test_rerun_skips_finished_stages(smoke_run, capsys):
+    out, result, _ = smoke_run
+    stamp = os.path.getmtime(out / "8b" / "short" / "done.json")
+    again = C.run_cascade(C.config_from_argv(SMOKE + ["--out", str(out)]))
+    assert again["rows"] == result["rows"]
+    assert os.path.getmtime(out / "8b" / "short" / "done.json") == stamp
+    printed = capsys.readouterr().out
+    assert "stage 8b/short: finished earlier, skipped" in printed
+    assert "[distill]" not in printed and "[parent]" not in printed  # nothing was trained again
+
+
+def test_miniature_ratios_follow_the_real_family():
+    parent = C.DEMO_PARENT["cpu"]
+    for size in ("14b", "8b", "3b"):
+        child = C.miniature(parent, size, 128)
+        real = M.ModelArgs.preset(size)
+        rl, rd, rf = C.RATIOS[size]
+        assert abs(child.n_layers - parent.n_layers * rl) <= 0.5
+        assert abs(child.dim - parent.dim * rd) <= 4 and abs(child.hidden_dim - parent.hidden_dim * rf) <= 4
+        assert child.tied_embeddings == real.tied_embeddings
+    assert C.RATIOS["3b"] == (26 / 40, 3072 / 5120, 9216 / 32768)
+
+
+# -- bad input, each refused before any training -------------------------------------------------
+
+def test_size_larger_than_parent(tmp_path, capsys):
+    code = run_main(SMOKE + ["--out", str(tmp_path / "o"), "--shapes", "8:64:384"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs n_layers=8 but the parent has 4" in err and not (tmp_path / "o").exists()
+
+
+def test_bad_shapes_and_size(tmp_path, capsys):
+    assert run_main(SMOKE + ["--out", str(tmp_path / "o"), "--shapes", "3:0:100"]) == 2
+    assert "zero or negative" in capsys.readouterr().err
+    assert run_main(SMOKE + ["--out", str(tmp_path / "o"), "--size", "7b"]) == 2
+    assert "is not a cascade size" in capsys.readouterr().err
+
+
+def test_unreadable_parent(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    assert run_main(["--parent", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither config.json nor params.json" in capsys.readouterr().err
+    (tmp_path / "p" / "config.json").write_text("{broken")
+    assert run_main(["--parent", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_out_folder_of_another_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"fingerprint": {"seed": 123}}))
+    assert run_main(SMOKE + ["--out", str(out)]) == 2
+    assert "holds stages of another run" in capsys.readouterr().err
+    (out / "run.json").unlink()
+    (out / "somefile").write_text("x")
+    assert run_main(SMOKE + ["--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_too_little_data(tmp_path, capsys):
+    text = tmp_path / "small.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    code = run_main(SMOKE + ["--out", str(tmp_path / "o"), "--data", str(text), "--max-epochs", "1"])
+    assert code == 2
+    assert "give more data, fewer steps" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.main(["--sise", "3b"])
+    assert e.value.code != 0
+
+
+# -- the real path: real-format parent, token shards, two gloo processes --------------------------
+
+def write_real_parent(folder, fmt):
+    args = M.ModelArgs(dim=64, n_layers=3, head_dim=16, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=2048,
+                       rope_theta=1e4, max_seq_len=1024)
+    m = M.Transformer(args)
+    m.init_weights(0)
+    M.save_model(m, folder, format=fmt)
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["hf", "native"])
+def test_torchrun_two_processes_on_real_format_parent(tmp_path, fmt):
+    parent = tmp_path / "parent"
+    write_real_parent(parent, fmt)
+    tok = D.Tokenizer.from_file(vocab_size=2048)
+    train_docs, _ = D.python_corpus()
+    D.write_shards(D.tokenize_documents(train_docs[:150], tok), tmp_path / "shards", tok)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "cascade.py"), "--parent", str(parent), "--data", str(tmp_path / "shards"),
+           "--shapes", "3:48:128,2:32:96:tied", "--out", str(out), "--short-steps", "4", "--long-steps", "2",
+           "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "32", "--long-seq-len", "64",
+           "--lr", "1e-3", "--dtype", "fp32", "--calib-seqs", "8", "--eval-batches", "2", "--no-baseline"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = json.loads((out / "results" / "table.json").read_text())
+    assert [row["stage"] for row in table][:4] == ["parent", "s1_3x48x128 pruned", "s1_3x48x128 short",
+                                                   "s1_3x48x128 base"]
+    last, _ = M.read_checkpoint_args(str(out / "s2_2x32x96" / "long" / "model"))
+    assert (last.n_layers, last.dim, last.hidden_dim, last.tied_embeddings) == (2, 32, 96, True)
+    # both ranks trained on disjoint data, and the world size was recorded by the loop
+    cfg = json.loads((out / "s1_3x48x128" / "short" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_interrupted_stage_resumes_exactly(tmp_path):
+    """Kill the cascade during the parent's training (after a checkpoint), rerun: the final table equals
+    an uninterrupted run's, number for number."""
+    argv = SMOKE + ["--size", "14b", "--parent-steps", "40", "--no-baseline"]
+    ref = C.run_cascade(C.config_from_argv(argv + ["--out", str(tmp_path / "ref")]))
+    out = tmp_path / "cut"
+    cmd = [sys.executable, os.path.join(ROOT, "cascade.py"), *argv, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "parent" / "ckpt" / "latest").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (out / "parent" / "ckpt" / "latest").exists() and not (out / "parent" / "done.json").exists()
+    again = C.run_cascade(C.config_from_argv(argv + ["--out", str(out)]))
+    assert again["rows"] == ref["rows"]

@@ -1,0 +1,278 @@
+"""The distillation stage of distill.py: the loss closures against the equation on full logits, a smaller
+student learning a trained teacher's distribution, long-context switch, bad input, the CLI, and FSDP2 at
+world size 2. CPU, tiny models, a learnable synthetic token stream (no data.py corpora)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import distill as DI  # noqa: E402
+import model as M  # noqa: E402
+import train as T  # noqa: E402
+
+HELPERS = textwrap.dedent('''
+    import torch
+
+    class CycleLoader:
+        """Rows walk a fixed random cycle over the vocabulary from random starts; global row k is a pure
+        function of (seed, k); micro-batch i on rank r of w reads rows (i*w + r)*B .. +B-1 (data.PackedLoader's
+        contract). A random ~25% of targets are -100."""
+
+        def __init__(self, vocab, batch_size, seq_len, seed=0, rank=0, world_size=1):
+            self.vocab, self.B, self.T, self.seed, self.rank, self.world = vocab, batch_size, seq_len, seed, rank, world_size
+            self.next = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))
+
+        def batch(self, i):
+            rows_x, rows_y = [], []
+            for j in range(self.B):
+                k = (i * self.world + self.rank) * self.B + j
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+                tok = int(torch.randint(self.vocab, (1,), generator=g))
+                seq = []
+                for _ in range(self.T + 1):
+                    seq.append(tok)
+                    tok = int(self.next[tok])
+                seq = torch.tensor(seq)
+                y = seq[1:].clone()
+                y[torch.rand(self.T, generator=g) < 0.25] = -100
+                rows_x.append(seq[:-1])
+                rows_y.append(y)
+            return torch.stack(rows_x), torch.stack(rows_y)
+''')
+exec(HELPERS)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP waits cost ~4 ms per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+V = 256
+TEACHER = dataclasses.replace(M.ModelArgs.preset("tiny"), vocab_size=V)
+STUDENT = dataclasses.replace(TEACHER, dim=32, n_layers=1, hidden_dim=96, tied_embeddings=True)
+
+
+def make(args, seed):
+    m = M.Transformer(args)
+    m.init_weights(seed)
+    return m
+
+
+def tcfg(tmp, **kw):
+    base = dict(out_dir=str(tmp), steps=4, batch_size=4, micro_batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2,
+                dtype="fp32", log_every=0, export=False)
+    return T.TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """The tiny teacher after 40 steps of next-token CE on the cycle stream (about 1 s)."""
+    teacher = make(TEACHER, 0)
+    T.train(teacher, CycleLoader(V, 8, 32), DI.ce_loss_fn(DI.DistillConfig()),
+            tcfg(tmp_path_factory.mktemp("teacher"), steps=40, batch_size=8, micro_batch_size=8, lr=2e-2),
+            device="cpu")
+    return teacher.eval().requires_grad_(False)
+
+
+def full_kl_ce(student, teacher, x, y, n_total, T_=1.0):
+    """The equation on full logits: sum over valid targets of KL(p_T || p_S) and of -log p_S(target), / n."""
+    zs = student(x).flatten(0, 1).float()
+    with torch.no_grad():
+        zt = teacher(x).flatten(0, 1).float()
+    valid = y.flatten() != -100
+    log_ps, log_pt = F.log_softmax(zs / T_, -1), F.log_softmax(zt / T_, -1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)[valid].sum() / n_total
+    ce = F.cross_entropy(zs, y.flatten(), ignore_index=-100, reduction="sum") / n_total
+    return kl, ce
+
+
+def test_kl_loss_fn_matches_the_equation_and_its_gradient(trained_teacher):
+    x, y = CycleLoader(V, 2, 32, seed=5).batch(0)
+    n_total = int((y != -100).sum()) + 7  # as if other micro-batches held 7 more valid tokens
+    for cfg in (DI.DistillConfig(temperature=2.0), DI.DistillConfig(ce_weight=0.25)):
+        s1, s2 = make(STUDENT, 1), make(STUDENT, 1)
+        fused = DI.kl_loss_fn(trained_teacher, cfg)(s1, x, y, n_total)
+        kl, ce = full_kl_ce(s2, trained_teacher, x, y, n_total, cfg.temperature)
+        ref = (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce
+        torch.testing.assert_close(fused, ref.to(fused.dtype), rtol=1e-5, atol=1e-6)
+        fused.backward()
+        ref.backward()
+        for (k, p1), (_, p2) in zip(s1.named_parameters(), s2.named_parameters()):
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=k)
+    s1, s2 = make(STUDENT, 1), make(STUDENT, 1)
+    torch.testing.assert_close(DI.ce_loss_fn(DI.DistillConfig())(s1, x, y, n_total),
+                               full_kl_ce(s2, trained_teacher, x, y, n_total)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_pair_matches_the_equation(trained_teacher):
+    student, loader = make(STUDENT, 1), CycleLoader(V, 2, 32, seed=9)
+    got = DI.evaluate_pair(student, trained_teacher, loader, 3)
+    batches = [loader.batch(i) for i in range(3)]
+    n = sum(int((y != -100).sum()) for _, y in batches)
+    with torch.no_grad():
+        kl = sum(full_kl_ce(student, trained_teacher, x, y, n)[0] for x, y in batches)
+        ce = sum(full_kl_ce(student, trained_teacher, x, y, n)[1] for x, y in batches)
+    assert got["tokens"] == n
+    assert got["kl"] == pytest.approx(float(kl), rel=1e-5) and got["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert student.training and not trained_teacher.training  # modes restored
+    assert DI.evaluate_pair(student, None, loader, 3).keys() == {"ce", "tokens"}
+
+
+def test_distilling_a_smaller_student_lowers_heldout_kl(trained_teacher, tmp_path):
+    held_out = CycleLoader(V, 8, 32, seed=77)
+    student = make(STUDENT, 2)
+    before = DI.evaluate_pair(student, trained_teacher, held_out, 2)
+    r = DI.distill(student, trained_teacher, CycleLoader(V, 8, 32, seed=1), tcfg(tmp_path, steps=40, batch_size=8,
+                   micro_batch_size=8, lr=2e-2, export=True), DI.DistillConfig(), device="cpu",
+                   eval_fn=lambda m: DI.evaluate_pair(m, trained_teacher, held_out, 2))
+    after = r["evals"][-1]["eval"]
+    assert after["kl"] < 0.5 * before["kl"], (before, after)
+    assert after["ce"] < before["ce"]
+    assert all(not p.requires_grad for p in trained_teacher.parameters())
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["distill"]["temperature"] == 1.0 and saved["long_context"] is False
+    assert M.read_checkpoint_args(r["export"])[0] == STUDENT
+
+
+def test_long_context_switches_the_student_and_restores_the_teacher(trained_teacher, tmp_path):
+    student = make(STUDENT, 2)
+    dcfg = DI.DistillConfig(long_yarn_factor=4.0, long_original_max_pos=16, long_qtemp_beta=0.1)
+    teacher_args = trained_teacher.args
+    short_teacher = dataclasses.replace(teacher_args, max_seq_len=16)  # shorter than the long stage's 32
+    trained_teacher.args = short_teacher
+    seen = []
+
+    def spy_eval(m):
+        seen.append(trained_teacher.args)
+        return {}
+
+    try:
+        r = DI.distill(student, trained_teacher, CycleLoader(V, 4, 32), tcfg(tmp_path, steps=1, export=True), dcfg,
+                       device="cpu", long_context=True, eval_fn=spy_eval)
+        assert seen[0].yarn_factor == 2.0 and seen[0].yarn_original_max_pos == 16 and seen[0].qtemp_beta is None
+        assert trained_teacher.args is short_teacher  # restored after the stage
+    finally:
+        trained_teacher.args = teacher_args
+        trained_teacher.reset_buffers()
+    a = student.args
+    assert (a.yarn_factor, a.yarn_original_max_pos, a.qtemp_beta, a.qtemp_original_max_pos, a.max_seq_len) == \
+        (4.0, 16, 0.1, 16, 64)
+    torch.testing.assert_close(student.inv_freq, M.rope_inv_freq(a))
+    assert M.read_checkpoint_args(r["export"])[0] == a  # the export carries YaRN + query temperature
+    with pytest.raises(ValueError, match="exceeds the student's max_seq_len 64"):
+        DI.distill(make(STUDENT, 2), trained_teacher, CycleLoader(V, 4, 128), tcfg(tmp_path / "b", seq_len=128),
+                   dcfg, device="cpu", long_context=True)
+
+
+def test_vocabulary_mismatch_is_refused(trained_teacher, tmp_path):
+    small_vocab = make(dataclasses.replace(STUDENT, vocab_size=128), 0)
+    with pytest.raises(ValueError, match="student has 128 tokens, the teacher 256"):
+        DI.distill(small_vocab, trained_teacher, CycleLoader(128, 4, 32), tcfg(tmp_path), DI.DistillConfig(),
+                   device="cpu")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_nan_teacher_stops_the_stage_and_keeps_the_last_checkpoint(trained_teacher, tmp_path):
+    student, loader = make(STUDENT, 2), CycleLoader(V, 4, 32)
+    DI.distill(student, trained_teacher, loader, tcfg(tmp_path, steps=2), DI.DistillConfig(), device="cpu")
+    broken = make(TEACHER, 0)
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")
+    with pytest.raises(T.TrainingDiverged, match="step 3"):
+        DI.distill(student, broken, loader, tcfg(tmp_path, steps=4, resume=True), DI.DistillConfig(), device="cpu")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_000002"]
+
+
+def _write_tokens(path, n, vocab):
+    import data as D  # the shard format belongs to data.py; a stand-in tokenizer names vocab and hash
+    tok = types.SimpleNamespace(vocab_size=vocab, file_hash="0" * 64)
+    x, _ = CycleLoader(vocab, 1, n - 1).batch(0)
+    D.write_shards(x.flatten().numpy(), path, tok)
+
+
+def test_cli_missing_teacher_is_one_line_and_loses_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc = DI.main(["--student", "tiny", "--teacher", str(tmp_path / "nope"), "--data", str(tmp_path), "--out",
+                  str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "teacher checkpoint folder" in err[0] and "nope" in err[0]
+    assert os.listdir(out) == ["keep.txt"]
+    with pytest.raises(SystemExit):
+        DI.main(["--teacher", "x", "--no-such-flag"])
+
+
+def test_cli_pretrains_then_distils(tmp_path, capsys):
+    _write_tokens(tmp_path / "tokens", 4000, 512)
+    common = ["--data", str(tmp_path / "tokens"), "--val-data", str(tmp_path / "tokens"), "--steps", "3",
+              "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--log-every", "1",
+              "--eval-batches", "1"]
+    assert DI.main(["--student", "tiny", "--loss", "ce", "--out", str(tmp_path / "teacher"), *common]) == 0
+    assert DI.main(["--student", "tiny", "--teacher", str(tmp_path / "teacher" / "model"), "--seed", "3",
+                    "--out", str(tmp_path / "student"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "[pretrain] step 3/3" in out and "[distill] step 3/3" in out
+    evals = [json.loads(l) for l in open(tmp_path / "student" / "metrics.jsonl") if '"eval"' in l]
+    assert set(evals[-1]["eval"]) == {"ce", "kl", "tokens"}
+
+
+DIST_WORKER = HELPERS + textwrap.dedent('''
+    import json, sys
+    import torch
+    import distill as DI, model as M, train as T
+    torch.set_num_threads(1)
+    teacher_path, student_path, out = sys.argv[1:4]
+    rank, world, _, device = T.setup_distributed()
+    cfg = T.TrainConfig(out_dir=out, steps=3, batch_size=4, micro_batch_size=4 // world, seq_len=32, lr=1e-2,
+                        warmup_steps=1, dtype="fp32", log_every=0, fsdp=sys.argv[4])
+    teacher = T.build_model(teacher_path, cfg, device, train=False)
+    student = T.build_model(student_path, cfg, device)
+    held_out = CycleLoader(teacher.args.vocab_size, 4 // world, 32, seed=77, rank=rank, world_size=world)
+    r = DI.distill(student, teacher, CycleLoader(teacher.args.vocab_size, cfg.micro_batch_size, 32, rank=rank,
+                   world_size=world), cfg, DI.DistillConfig(temperature=1.5), device=device,
+                   eval_fn=lambda m: DI.evaluate_pair(m, teacher, held_out, 1))
+    if rank == 0:
+        json.dump({"steps": [[h["loss"], h["grad_norm"]] for h in r["history"]], "eval": r["evals"][-1]["eval"]},
+                  open(out + "/result.json", "w"))
+    T.teardown_distributed()
+''')
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_distil_like_one(trained_teacher, tmp_path):
+    """Teacher blocks sharded (root replicated), student fully sharded: same KL losses, grad norms and held-out
+    evaluation as one process."""
+    M.save_model(trained_teacher, str(tmp_path / "teacher"))
+    M.save_model(make(STUDENT, 4), str(tmp_path / "student"))
+    script = tmp_path / "worker.py"
+    script.write_text(DIST_WORKER)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    paths = [str(tmp_path / "teacher"), str(tmp_path / "student")]
+    one = subprocess.run([sys.executable, str(script), *paths, str(tmp_path / "w1"), "never"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *paths, str(tmp_path / "w2"), "auto"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = (json.load(open(tmp_path / w / "result.json")) for w in ("w1", "w2"))
+    assert sum(r1["steps"], []) == pytest.approx(sum(r2["steps"], []), rel=1e-5)
+    assert r1["eval"]["tokens"] == r2["eval"]["tokens"]
+    assert r1["eval"]["kl"] == pytest.approx(r2["eval"]["kl"], rel=1e-4)
