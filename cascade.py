@@ -20,7 +20,8 @@ Two ways to run it:
     trained on text that ships with Python (data.py) with a truncated Tekken vocabulary, then
     cascaded down three sizes whose layer / hidden / FFN ratios follow 24B -> 14B -> 8B -> 3B. Ends
     with a retention table (the paper's Table 3 in miniature), a from-scratch baseline, and a plot.
-  * `torchrun --nproc_per_node=8 cascade.py --size 3b --parent PATH --data SHARDS`: a real parent
+  * `torchrun --nproc_per_node=8 cascade.py --preset paper --size 3b --parent PATH --data SHARDS
+    --activation-checkpointing`: a real parent
     (Hugging Face or Mistral-native) and the real 14B/8B/3B shapes, FSDP2 through train.py.
 
 Deviations from the paper, and why:
@@ -77,7 +78,7 @@ class CascadeConfig:
     val_data: Optional[str] = None  # held-out tokens; None = the corpus's own split
     tokenizer: Optional[str] = None  # tekken.json; None = the parent's own, else mistral-common's
     teacher: Optional[str] = None  # None = the parent (paper); a path = the larger-teacher ablation
-    preset: str = "cpu"  # the embedded experiment's scale: cpu (minutes on 2 cores), gpu, or smoke (seconds, tests)
+    preset: str = "cpu"  # stage lengths: cpu (the demo, minutes on 2 cores), gpu, smoke (seconds, tests), paper (real parent)
     seed: int = 0
     # Stage lengths; None takes the preset's value.
     parent_steps: Optional[int] = None  # pretraining of the embedded parent (next-token CE)
@@ -90,6 +91,9 @@ class CascadeConfig:
     lr: Optional[float] = None  # peak learning rate of the parent's pretraining and the baseline
     distill_lr: Optional[float] = None  # peak learning rate of the distillation stages (a pruned child starts close)
     dtype: Optional[str] = None  # fp32 or bf16
+    activation_checkpointing: bool = False  # recompute each block in backward (real sizes: on)
+    compile: bool = False  # torch.compile each block
+    ckpt_every: Optional[int] = None  # training checkpoint every N steps; None = four per stage
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
     eval_batches: int = 8  # held-out batches for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
@@ -116,6 +120,9 @@ PRESET_STAGES = {
                 seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64),
     "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
                 seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256),
+    # The paper's contexts for a real parent (section 1): ~1T tokens per child = 500K steps of 2M tokens.
+    "paper": dict(parent_steps=0, short_steps=500_000, long_steps=5_000, batch_size=128, micro_batch_size=1,
+                  seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256),
     "smoke": dict(parent_steps=150, short_steps=20, long_steps=6, batch_size=8, micro_batch_size=8,
                   seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16),
 }
@@ -142,6 +149,8 @@ def resolved(cfg: CascadeConfig) -> CascadeConfig:
     """Fill the None stage lengths from the preset."""
     if cfg.preset not in PRESET_STAGES:
         raise ValueError(f"--preset {cfg.preset!r} is unknown: choose one of {', '.join(PRESET_STAGES)}")
+    if cfg.parent is None and cfg.preset not in DEMO_PARENT:
+        raise ValueError(f"--preset {cfg.preset} sizes a run on a real parent: give --parent PATH")
     fill = {k: v for k, v in PRESET_STAGES[cfg.preset].items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **fill)
 
@@ -312,7 +321,8 @@ def train_config(cfg: CascadeConfig, ctx: Context, out_dir: str, steps: int, seq
     return TR.TrainConfig(out_dir=out_dir, steps=steps, batch_size=cfg.batch_size,
                           micro_batch_size=cfg.micro_batch_size, seq_len=seq_len, lr=lr or cfg.lr,
                           warmup_steps=max(1, steps // 10), dtype=cfg.dtype, seed=cfg.seed, resume=True,
-                          ckpt_every=max(1, steps // 4), log_every=max(1, steps // 10))
+                          ckpt_every=cfg.ckpt_every or max(1, steps // 4), log_every=max(1, steps // 25),
+                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
 
 def loader(ctx: Context, tokens, cfg: CascadeConfig, seq_len: int, seed: int):
@@ -586,52 +596,66 @@ def write_results(cfg: CascadeConfig, rows: list, plan: Plan):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"# Cascade retention ({cfg.out})\n\n{table}\n\n{note}\n")
     TR.write_json_atomic(os.path.join(out, "table.json"), rows)
-    curves = {}
-    for stage in ["parent"] + [f"{n}/{s}" for n, _ in plan.sizes for s in ("short", "long")] + ["baseline"]:
-        path = os.path.join(cfg.out, stage, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                pts = [json.loads(line) for line in f if line.strip()]
-            curves[stage] = [(p["step"], p["loss"]) for p in pts if "loss" in p and "step" in p]
-    plot_curves(curves, os.path.join(out, "curves.png"))
+    plot_curves(read_curves(cfg, plan), os.path.join(out, "curves.png"))
     print("\n" + table + "\n\n" + note)
 
 
-def plot_curves(curves: dict, path: str, size=(960, 600)):
-    """A small line plot drawn with pillow (no plotting dependency): loss against step, one line a stage."""
+def read_curves(cfg: CascadeConfig, plan: Plan) -> dict:
+    """{panel: {line: [(tokens, loss)]}} from each stage's metrics.jsonl. A child's long stage continues
+    its short stage's token axis."""
+    def points(stage, offset=0):
+        path = os.path.join(cfg.out, stage, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        seq = cfg.long_seq_len if stage in ("parent",) or stage.endswith("/long") else cfg.seq_len
+        return [(offset + r["step"] * cfg.batch_size * seq, r["loss"]) for r in recs if "loss" in r]
+
+    ce = {"parent": points("parent"), "3b from scratch" if cfg.shapes is None else "from scratch": points("baseline")}
+    kl = {}
+    for name, _ in plan.sizes:
+        short = points(f"{name}/short")
+        kl[f"{name} short"] = short
+        kl[f"{name} long"] = points(f"{name}/long", short[-1][0] if short else 0)
+    return {"next-token CE (pretraining)": ce, "KL to the teacher (distillation)": kl}
+
+
+def plot_curves(panels: dict, path: str, size=(1200, 520)):
+    """Loss against training tokens, one panel per objective, drawn with pillow (no plotting dependency)."""
     from PIL import Image, ImageDraw  # pillow is a project dependency; only this function draws
 
-    W, H = size
-    left, right, top, bottom = 70, 220, 30, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    pts = [p for c in curves.values() for p in c]
-    if not pts:
-        img.save(path)
-        return
-    xmax = max(p[0] for p in pts) or 1
-    ys = [p[1] for p in pts if math.isfinite(p[1])]
-    ymin, ymax = min(ys), max(ys)
-    ymax = ymax if ymax > ymin else ymin + 1
-    X = lambda x: left + (W - left - right) * x / xmax
-    Y = lambda y: top + (H - top - bottom) * (1 - (y - ymin) / (ymax - ymin))
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(6):
-        yv = ymin + (ymax - ymin) * i / 5
-        d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
-        d.text((5, Y(yv) - 6), f"{yv:.2f}", fill="black")
-        xv = xmax * i / 5
-        d.line([X(xv), H - bottom, X(xv), H - bottom + 4], fill="black")
-        d.text((X(xv) - 10, H - bottom + 8), f"{int(xv)}", fill="black")
-    d.text((left + (W - left - right) // 2 - 20, H - 22), "step", fill="black")
-    d.text((left, 8), "training loss (parent and baseline: CE; children: KL to the teacher)", fill="black")
-    colors = ["black", "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#9467bd"]
-    for i, (name, c) in enumerate(curves.items()):
-        col = colors[i % len(colors)]
-        if len(c) > 1:
-            d.line([(X(x), Y(y)) for x, y in c if math.isfinite(y)], fill=col, width=2)
-        d.line([W - right + 15, top + 15 + 18 * i, W - right + 40, top + 15 + 18 * i], fill=col, width=3)
-        d.text((W - right + 45, top + 9 + 18 * i), name, fill="black")
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    pw = size[0] // max(1, len(panels))
+    for k, (title, lines) in enumerate(panels.items()):
+        x0, x1, y0, y1 = k * pw + 70, (k + 1) * pw - 20, 40, size[1] - 130
+        d.text((x0, 12), title, fill="black")
+        pts = [p for c in lines.values() for p in c if math.isfinite(p[1])]
+        if not pts:
+            continue
+        xmax = max(p[0] for p in pts) or 1
+        ymin, ymax = min(p[1] for p in pts), max(p[1] for p in pts)
+        ymax = ymax if ymax > ymin else ymin + 1
+        X = lambda x: x0 + (x1 - x0) * x / xmax
+        Y = lambda y: y0 + (y1 - y0) * (1 - (y - ymin) / (ymax - ymin))
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        for i in range(6):
+            yv, xv = ymin + (ymax - ymin) * i / 5, xmax * i / 5
+            d.line([x0 - 4, Y(yv), x0, Y(yv)], fill="black")
+            d.text((x0 - 55, Y(yv) - 6), f"{yv:.3g}", fill="black")
+            d.line([X(xv), y1, X(xv), y1 + 4], fill="black")
+            d.text((X(xv) - 12, y1 + 8), f"{xv / 1e6:.2g}M" if xv else "0", fill="black")
+        d.text(((x0 + x1) // 2 - 40, y1 + 24), "training tokens", fill="black")
+        for i, (name, c) in enumerate(lines.items()):
+            col = colors[i % len(colors)]
+            c = [(X(x), Y(y)) for x, y in c if math.isfinite(y)]
+            if len(c) > 1:
+                d.line(c, fill=col, width=2)
+            lx, ly = x0 + (i % 3) * (x1 - x0) // 3, y1 + 48 + 18 * (i // 3)
+            d.line([lx, ly + 6, lx + 25, ly + 6], fill=col, width=3)
+            d.text((lx + 30, ly), name, fill="black")
     img.save(path)
 
 
