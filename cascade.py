@@ -116,7 +116,7 @@ DEMO_PARENT = {
                          vocab_size=2048, rope_theta=1e4, max_seq_len=1024),
 }
 PRESET_STAGES = {
-    "cpu": dict(parent_steps=300, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
+    "cpu": dict(parent_steps=240, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
                 seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64),
     "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
                 seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256),

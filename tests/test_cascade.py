@@ -21,14 +21,7 @@ import model as M  # noqa: E402
 SMOKE = ["--preset", "smoke", "--eval-batches", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: OpenMP's spin-waits cost more than they give, badly so when another process holds a
-    # core (seen: 15 s alone, 200 s beside a busy process). Results do not depend on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(argv):

@@ -21,46 +21,16 @@ import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
 
-HELPERS = textwrap.dedent('''
-    import torch
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)
+from toy import CycleLoader, ce_loss  # noqa: E402
 
-    class CycleLoader:
-        """Rows walk a fixed random cycle over the vocabulary from random starts; global row k is a pure
-        function of (seed, k); micro-batch i on rank r of w reads rows (i*w + r)*B .. +B-1 (data.PackedLoader's
-        contract). A random ~25% of targets are -100."""
-
-        def __init__(self, vocab, batch_size, seq_len, seed=0, rank=0, world_size=1):
-            self.vocab, self.B, self.T, self.seed, self.rank, self.world = vocab, batch_size, seq_len, seed, rank, world_size
-            self.next = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))
-
-        def batch(self, i):
-            rows_x, rows_y = [], []
-            for j in range(self.B):
-                k = (i * self.world + self.rank) * self.B + j
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-                tok = int(torch.randint(self.vocab, (1,), generator=g))
-                seq = []
-                for _ in range(self.T + 1):
-                    seq.append(tok)
-                    tok = int(self.next[tok])
-                seq = torch.tensor(seq)
-                y = seq[1:].clone()
-                y[torch.rand(self.T, generator=g) < 0.25] = -100
-                rows_x.append(seq[:-1])
-                rows_y.append(y)
-            return torch.stack(rows_x), torch.stack(rows_y)
-''')
-exec(HELPERS)
+# The preamble of the subprocess worker scripts.
+HELPERS = f"import sys\nsys.path.insert(0, {TESTS!r})\nimport torch\nimport torch.nn.functional as F\nfrom toy import CycleLoader, ce_loss\n"
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP waits cost ~4 ms per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 256

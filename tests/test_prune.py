@@ -386,11 +386,39 @@ def test_retie_policy(policy):
         assert torch.equal(m.lm_head.weight, head)
 
 
+def test_retie_mean_policy_gives_the_average_of_both_logit_sources():
+    """"mean": T = (E + a H diag(w)) / 2 with a = ||E|| / ||H diag(w)||, final-norm weight 1/a, so the
+    logits are exactly (n E^T / a + n diag(w) H^T) / 2 for the normalised final hidden state n."""
+    args = tiny()
+    m = build(args)
+    with torch.no_grad():
+        m.norm.weight.copy_(torch.rand(args.dim, generator=torch.Generator().manual_seed(4)) + 0.5)
+    E, H, w = (p.detach().clone().double() for p in (m.embed_tokens.weight, m.lm_head.weight, m.norm.weight))
+    a = float(E.norm() / (H * w).norm())
+    x = tokens(args)
+    seen = []
+    hook = m.norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().double()))
+    with torch.no_grad():
+        m(x)
+    P.retie_embeddings(m, "mean")
+    assert m.lm_head.weight is m.embed_tokens.weight and m.args.tied_embeddings
+    torch.testing.assert_close(m.embed_tokens.weight.double(), (E + a * H * w) / 2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m.norm.weight.double(), torch.full_like(w, 1 / a), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        # the embedding itself changed, so feed the recorded pre-norm input into the new final norm and head
+        r = seen[0]
+        n = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + m.norm.eps)
+        expect = (n @ E.T / a + (n * w) @ H.T) / 2
+        got = m.lm_head(m.norm(seen[0].float())).double()
+    hook.remove()
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
 def test_prune_to_a_tied_target_saves_a_tied_checkpoint(tmp_path):
     args = tiny(n_layers=3)
     target = dataclasses.replace(args, n_layers=2, dim=48, hidden_dim=128, tied_embeddings=True)
     m, report = P.prune(build(args), target, make_calib(args))
-    assert m.lm_head.weight is m.embed_tokens.weight and report["tie"]["policy"] == "embedding"
+    assert m.lm_head.weight is m.embed_tokens.weight and report["tie"]["policy"] == "mean"
     M.save_model(m, str(tmp_path / "c"))
     back = M.load_model(str(tmp_path / "c"))
     assert back.args.tied_embeddings and back.args == m.args
@@ -478,7 +506,7 @@ def test_bad_target_family_and_calibration():
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         P.collect_stats(m, [torch.full((2, 8), args.vocab_size)])
     with pytest.raises(ValueError, match="tie_policy"):
-        P.PruneConfig(tie_policy="mean")
+        P.PruneConfig(tie_policy="median")
     with pytest.raises(ValueError, match="strictly increasing"):
         P.prune_layers(m, [1, 0])
     assert m.args == args  # nothing was cut by the failed calls

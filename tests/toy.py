@@ -1,0 +1,38 @@
+"""Test helpers shared by the training tests and their subprocess workers: a learnable synthetic token
+stream with data.PackedLoader's contract, and a plain next-token cross-entropy (train.py owns no loss)."""
+
+import torch
+import torch.nn.functional as F
+
+
+class CycleLoader:
+    """Rows walk a fixed random cycle over the vocabulary from random starts (learnable in a few
+    dozen steps). Global row k is a pure function of (seed, k); micro-batch i on rank r of w reads
+    rows (i*w + r)*B .. +B-1, the contract of data.PackedLoader. A random ~25% of targets per row are
+    -100, so micro-batches hold different numbers of valid tokens."""
+
+    def __init__(self, vocab, batch_size, seq_len, seed=0, rank=0, world_size=1):
+        self.vocab, self.B, self.T, self.seed, self.rank, self.world = vocab, batch_size, seq_len, seed, rank, world_size
+        self.next = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))
+
+    def batch(self, i):
+        rows_x, rows_y = [], []
+        for j in range(self.B):
+            k = (i * self.world + self.rank) * self.B + j
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            tok = int(torch.randint(self.vocab, (1,), generator=g))
+            seq = []
+            for _ in range(self.T + 1):
+                seq.append(tok)
+                tok = int(self.next[tok])
+            seq = torch.tensor(seq)
+            y = seq[1:].clone()
+            y[torch.rand(self.T, generator=g) < 0.25] = -100
+            rows_x.append(seq[:-1])
+            rows_y.append(y)
+        return torch.stack(rows_x), torch.stack(rows_y)
+
+
+def ce_loss(model, x, y, n_total):
+    return model(x, head_fn=lambda h, W: F.cross_entropy(
+        F.linear(h, W).flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum") / n_total)
