@@ -37,7 +37,8 @@ Deviations from the paper / choices where it is silent:
 
 Run: `python -m pytest tests/test_losses.py -q`; `python benchmarks/kl_bench.py` (or `python bench.py kl`)
 times the fused loss against `kl_reference` (PAPER.md section 9 anchors).
-Depends on: nothing in the project for the losses (torch and the standard library only).
+Depends on: model.py, data.py and train.py for the stage; the losses above it use torch only, so they
+copy out alone.
 
 Shape letters: N tokens (flattened), C tokens in one chunk, V vocabulary,
 D hidden width (student and teacher widths may differ).

@@ -24,9 +24,9 @@ Deviations from the paper, and why:
  2. Calibration masks padding, every BOS token, and (ours, `mask_first`) position 0 of every row,
     which is an attention sink with BOS-sized norms even when a window starts mid-document.
  3. x_hat = h / sqrt(mean(h^2) + eps) uses the norm's own eps, i.e. exactly what the folded readers see.
- 4. Tied embeddings are untied for the rotation. A tied target is re-tied with the "embedding" policy
-    by default (see `retie_embeddings`): the embedding is shared, the head is fitted through the
-    final-norm weight. Distillation repairs the rest.
+ 4. Tied embeddings are untied for the rotation. A tied target is re-tied with the "mean" policy by
+    default (see `retie_embeddings`): the shared matrix is the average of the embedding and the head
+    (final norm folded in, scales matched). Distillation repairs the rest.
  5. The child takes the target's RoPE fields (rope_theta, max_seq_len, YaRN, query temperature) as
     given, e.g. 14b (theta 1e9) -> 8b (theta 1e6 + YaRN). Calibration runs with the parent's RoPE;
     the switch happens after all surgery and changes attention, which distillation repairs.
