@@ -25,7 +25,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -36,19 +35,12 @@ import torch.nn.functional as F
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402  (benchmarks/measure.py)
 
 
 # -----------------------------------------------------------------------------
 # Measurement helpers
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def timed(fn, device, warmup=1, iters=3) -> float:
@@ -66,14 +58,8 @@ def timed(fn, device, warmup=1, iters=3) -> float:
 
 
 def in_subprocess(func: str, **kwargs) -> dict:
-    """Run bench.<func>(**kwargs) in a fresh interpreter and return its JSON result (fresh peak RSS)."""
-    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import bench; "
-            f"print('RESULT' + json.dumps(bench.{func}(**json.loads(sys.argv[1]))))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, cwd=HERE)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"benchmark subprocess {func} failed:\n{out.stderr[-3000:]}")
+    """bench.<func>(**kwargs) in a fresh interpreter (a fresh peak RSS)."""
+    return run_fresh(__file__, func, kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -104,11 +90,7 @@ def fwd_bwd_variant(impl: str, shape="bench-cpu", batch=8, seq=256, device="cpu"
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab_size, (batch, seq), generator=g).to(device)
     y = torch.randint(0, args.vocab_size, (batch, seq), generator=g).to(device)
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_peak_bytes()
+    base = mem_mark(device)
 
     def step():
         if impl == "hf":
@@ -119,7 +101,7 @@ def fwd_bwd_variant(impl: str, shape="bench-cpu", batch=8, seq=256, device="cpu"
         net.zero_grad(set_to_none=True)
 
     sec = timed(step, device, warmup=1, iters=iters)
-    peak = (torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else rss_peak_bytes()) - base
+    peak = mem_peak(device) - base
     tps = batch * seq / sec
     return {"impl": impl, "tok_s": tps, "peak_gib": peak / 2**30,
             "mfu": mfu(tps * M.flops_per_token(args, seq), device)}
@@ -206,7 +188,6 @@ def bench_model(device="cpu") -> dict:
 
 
 def _from_benchmarks(module: str, func: str):
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     return getattr(importlib.import_module(module), func)
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -32,14 +30,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
+from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
 
 CPU_SHAPE = dict(tokens=2048, vocab=131072, d_student=256, d_teacher=512, dtype="float32")
 GPU_SHAPE = dict(tokens=16384, vocab=131072, d_student=3072, d_teacher=5120, dtype="bfloat16")
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _inputs(tokens, vocab, d_student, d_teacher, dtype, device, seed=0):
@@ -74,39 +68,26 @@ def run_variant(variant, tokens, vocab, d_student, d_teacher, dtype, device="cpu
     """One variant, in this process: median seconds of loss + backward, peak memory beyond the inputs."""
     hs, ws, ht, wt = _inputs(tokens, vocab, d_student, d_teacher, dtype, device)
     fn = _loss_fn(variant, chunk_size)
-    gpu = device.startswith("cuda")
-    _sync(device)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    sync(device)
+    base = mem_mark(device)
     times, loss = [], None
     for i in range(repeats + 1):
         hs.grad = ws.grad = None
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss = fn(hs, ws, ht, wt)
         loss.backward()
-        _sync(device)
+        sync(device)
         if i > 0:  # the first call is the warm-up
             times.append(time.perf_counter() - t0)
-    if gpu:
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = mem_peak(device) - base
     return {"variant": variant, "seconds": sorted(times)[len(times) // 2], "peak_gib": peak / 2**30,
             "loss": float(loss.detach()), "grad_h_norm": float(hs.grad.float().norm()),
             "grad_w_norm": float(ws.grad.float().norm())}
 
 
 def _in_subprocess(**kw) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(kw)],
-                         capture_output=True, text=True, cwd=ROOT)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"kl benchmark subprocess failed ({kw}):\n{out.stderr[-3000:]}")
+    return run_fresh(__file__, "run_variant", kw)
 
 
 def bench_kl(device="cpu", tokens=None, vocab=None, d_student=None, d_teacher=None, dtype=None, repeats=3,

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -32,6 +30,7 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 import prune as P  # noqa: E402
+from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
 
 SETUPS = {
     "cpu": dict(parent="bench-cpu", target=dict(n_layers=3, dim=192, hidden_dim=512, tied_embeddings=True),
@@ -39,24 +38,6 @@ SETUPS = {
     "cuda": dict(parent="3b", target=dict(n_layers=22, dim=2048, hidden_dim=6144, tied_embeddings=True),
                  dtype="bfloat16", batch=4, seq=2048, n_batches=8),
 }
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _mem_base(device) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _mem_peak(device) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _setup(device: str):
@@ -82,24 +63,24 @@ def calibration_variant(device: str = "cpu") -> dict:
     s, args, model, calib = _setup(device)
     n_tok = s["n_batches"] * s["batch"] * s["seq"]
     no_head = lambda h_BTD, w_VD: None
-    _sync(device)
-    base = _mem_base(device)
+    sync(device)
+    base = mem_mark(device)
     with torch.no_grad():
         model(calib[0], head_fn=no_head)  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for t in calib:
             model(t, head_fn=no_head)
-        _sync(device)
+        sync(device)
         fwd_s = time.perf_counter() - t0
-    fwd_peak = _mem_peak(device) - base
+    fwd_peak = mem_peak(device) - base
     P.collect_stats(model, calib[:1])  # warm-up
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     P.collect_stats(model, calib)
-    _sync(device)
+    sync(device)
     sec = time.perf_counter() - t0
-    calib_peak = _mem_peak(device) - base
+    calib_peak = mem_peak(device) - base
     return {"tokens": n_tok, "calib_tok_s": n_tok / sec, "forward_tok_s": n_tok / fwd_s,
             "forward_peak_gib": fwd_peak / 2**30, "calib_peak_gib": calib_peak / 2**30,
             "calib_extra_gib": (calib_peak - fwd_peak) / 2**30}
@@ -109,27 +90,20 @@ def prune_variant(device: str = "cpu") -> dict:
     s, args, model, calib = _setup(device)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = dataclasses.replace(args, **s["target"])
-    _sync(device)
-    base = _mem_base(device)
+    sync(device)
+    base = mem_mark(device)
     t0 = time.perf_counter()
     child, report = P.prune(model, target, calib)
-    _sync(device)
+    sync(device)
     sec = time.perf_counter() - t0
     return {"parent": s["parent"], "target": s["target"], "dtype": s["dtype"], "prune_s": sec,
-            "prune_peak_gib": (_mem_peak(device) - base) / 2**30, "parent_gib": model_bytes / 2**30,
+            "prune_peak_gib": (mem_peak(device) - base) / 2**30, "parent_gib": model_bytes / 2**30,
             "params_parent": report["params"]["parent"], "params_child": report["params"]["child"],
             "retained_energy": report["hidden"]["retained_energy"], "calib_tokens": report["layers"]["tokens"]}
 
 
 def _in_subprocess(func: str, **kwargs) -> dict:
-    """Run prune_bench.<func>(**kwargs) in a fresh interpreter (a fresh peak RSS) and return its result."""
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import prune_bench as b; print('RESULT' + json.dumps(b.{func}(**json.loads(sys.argv[1]))))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, cwd=ROOT)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"prune benchmark {func} failed:\n{out.stderr[-3000:]}")
+    return run_fresh(__file__, func, kwargs)
 
 
 def bench_prune(device: str = "cpu") -> dict:

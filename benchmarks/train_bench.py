@@ -26,8 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,20 +39,10 @@ if ROOT not in sys.path:
 import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
+from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
 
 CPU_SHAPE = dict(preset="bench-cpu", batch=8, seq=256, dtype="float32")
 GPU_SHAPE = dict(preset="3b", batch=2, seq=4096, dtype="bfloat16")
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_bytes(device) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run_variant(impl: str, preset: str, batch: int, seq: int, dtype: str, device: str = "cpu", warmup: int = 2,
@@ -90,10 +78,8 @@ def run_variant(impl: str, preset: str, batch: int, seq: int, dtype: str, device
                                     weight_decay=cfg.weight_decay)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    _sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base = _peak_bytes(device)
+    sync(device)
+    base = mem_mark(device)
 
     def step():
         loss = forward()
@@ -105,27 +91,22 @@ def run_variant(impl: str, preset: str, batch: int, seq: int, dtype: str, device
 
     times, losses = [], []
     for i in range(warmup + iters):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         losses.append(step())
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]
     tok_s = batch * seq / sec
-    return {"impl": impl, "seconds": sec, "tok_s": tok_s, "peak_gib": (_peak_bytes(device) - base) / 2**30,
+    return {"impl": impl, "seconds": sec, "tok_s": tok_s, "peak_gib": (mem_peak(device) - base) / 2**30,
             "first_loss": losses[0], "mfu": T.mfu(tok_s, M.flops_per_token(args, seq), device,
                                                   "bf16" if dt == torch.bfloat16 else "fp32"),
             "threads": torch.get_num_threads()}
 
 
 def _in_subprocess(**kw) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(kw)],
-                         capture_output=True, text=True, cwd=ROOT)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"train benchmark subprocess failed ({kw}):\n{out.stderr[-3000:]}")
+    return run_fresh(__file__, "run_variant", kw)
 
 
 def bench_train_step(device="cpu", impls=None, chunk_size=None, **shape_kw) -> dict:

@@ -1,0 +1,45 @@
+"""Measurement helpers shared by bench.py and benchmarks/*.py, so every figure is taken the same way:
+clocks read after a device synchronise, peak memory as growth over a baseline (ru_maxrss on the CPU,
+which Linux reports in KiB; torch.cuda.max_memory_allocated on a GPU), and each variant run in a fresh
+interpreter so that one variant's peak cannot hide another's."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def mem_mark(device) -> int:
+    """The baseline for mem_peak: resets the GPU's peak counter; on the CPU the peak RSS so far."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mem_peak(device) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_fresh(module_file: str, func: str, kwargs: dict) -> dict:
+    """module.func(**kwargs) in a fresh interpreter; returns its JSON-able result."""
+    folder, module = os.path.split(os.path.abspath(module_file))
+    code = (f"import json, sys; sys.path[:0] = [{folder!r}, {ROOT!r}]; import {module[:-3]} as m; "
+            f"print('RESULT' + json.dumps(m.{func}(**json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, cwd=ROOT)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    raise RuntimeError(f"benchmark {module}.{func}({kwargs}) failed in its subprocess:\n{out.stderr[-3000:]}")
