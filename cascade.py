@@ -38,7 +38,7 @@ Deviations from the paper, and why:
  4. The teacher stays the original parent for every size, as in the paper; `--teacher PATH` swaps it
     for the larger-teacher ablation.
 
-Run: `python cascade.py` (about 8 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
+Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
 experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
 Depends on: model.py, data.py, prune.py, distill.py, train.py.
 """

@@ -86,6 +86,12 @@ def test_miniature_ratios_follow_the_real_family():
         assert abs(child.dim - parent.dim * rd) <= 4 and abs(child.hidden_dim - parent.hidden_dim * rf) <= 4
         assert child.tied_embeddings == real.tied_embeddings
     assert C.RATIOS["3b"] == (26 / 40, 3072 / 5120, 9216 / 32768)
+    for preset in C.DEMO_PARENT:  # every embedded preset plans a valid, shrinking cascade
+        plan = C.make_plan(C.resolved(C.config_from_argv(["--preset", preset])))
+        assert [n for n, _ in plan.sizes] == ["14b", "8b", "3b"]
+        assert M.num_params(plan.parent_args) > M.num_params(plan.sizes[0][1]) > M.num_params(plan.sizes[-1][1])
+    with pytest.raises(ValueError, match="give --parent"):
+        C.resolved(C.config_from_argv(["--preset", "paper"]))
 
 
 # -- bad input, each refused before any training -------------------------------------------------
