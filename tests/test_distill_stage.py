@@ -21,14 +21,8 @@ import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS)
-from toy import CycleLoader, ce_loss  # noqa: E402
-
-# The preamble of the subprocess worker scripts.
-HELPERS = f"import sys\nsys.path.insert(0, {TESTS!r})\nimport torch\nimport torch.nn.functional as F\nfrom toy import CycleLoader, ce_loss\n"
-
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy import HELPERS, CycleLoader, ce_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

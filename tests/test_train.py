@@ -26,14 +26,8 @@ import model as M  # noqa: E402
 import train as T  # noqa: E402
 
 # Written into worker scripts too (subprocess tests), so it must stand alone.
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS)
-from toy import CycleLoader, ce_loss  # noqa: E402
-
-# The preamble of the subprocess worker scripts.
-HELPERS = f"import sys\nsys.path.insert(0, {TESTS!r})\nimport torch\nimport torch.nn.functional as F\nfrom toy import CycleLoader, ce_loss\n"
-
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy import HELPERS, CycleLoader, ce_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,8 +1,14 @@
 """Test helpers shared by the training tests and their subprocess workers: a learnable synthetic token
 stream with data.PackedLoader's contract, and a plain next-token cross-entropy (train.py owns no loss)."""
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+# The preamble of the subprocess worker scripts the tests write: the same helpers, imported from here.
+HELPERS = (f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\nimport torch\n"
+           f"import torch.nn.functional as F\nfrom toy import CycleLoader, ce_loss\n")
 
 
 class CycleLoader:
