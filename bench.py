@@ -13,7 +13,7 @@ Clocks are read after a device synchronise; warm-up iterations are excluded.
 
 Run: `python bench.py model` (decoder fwd+bwd and decoding vs transformers), `python bench.py kl`,
 `python bench.py train`, `python bench.py prune`, `python bench.py tokenizer`, `python bench.py all`.
-Depends on: model.py; the per-concept benchmark functions live in benchmarks/*.py. transformers (and
+Depends on: model.py, train.py (MFU); the per-concept benchmark functions live in benchmarks/*.py. transformers (and
 liger-kernel on a GPU) are optional baselines, imported only when present.
 """
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import train as TR  # the one MFU definition and peak table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "benchmarks"))
@@ -104,7 +105,7 @@ def fwd_bwd_variant(impl: str, shape="bench-cpu", batch=8, seq=256, device="cpu"
     peak = mem_peak(device) - base
     tps = batch * seq / sec
     return {"impl": impl, "tok_s": tps, "peak_gib": peak / 2**30,
-            "mfu": mfu(tps * M.flops_per_token(args, seq), device)}
+            "mfu": TR.mfu(tps, M.flops_per_token(args, seq), device, "bf16" if dtype == "bfloat16" else dtype)}
 
 
 def decode_variant(impl: str, shape="bench-cpu", batch=8, prompt=32, new=64, device="cpu", dtype="float32") -> dict:
@@ -126,30 +127,6 @@ def decode_variant(impl: str, shape="bench-cpu", batch=8, prompt=32, new=64, dev
     with torch.no_grad():
         sec = timed(run, device, warmup=1, iters=3)
     return {"impl": impl, "new_tok_s": batch * new / sec, "ms_per_step": 1000 * sec / new}
-
-
-# -----------------------------------------------------------------------------
-# MFU
-
-
-PEAK_FLOPS = {  # dense bf16 tensor-core peak per device, from vendor sheets; None = unknown
-    "H100 80GB HBM3": 989e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
-}
-
-
-def peak_flops(device) -> float | None:
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
-def mfu(flops_per_s: float, device) -> float | None:
-    peak = peak_flops(device)
-    return None if peak is None else flops_per_s / peak
 
 
 def has(module: str) -> bool:

@@ -46,7 +46,6 @@ Depends on: model.py, data.py, prune.py, distill.py, train.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -312,7 +311,6 @@ class Context:
     rank: int
     world: int
     device: torch.device
-    tok: object
     train_tokens: np.ndarray
     val_tokens: np.ndarray
 
@@ -437,7 +435,7 @@ def prepare(cfg: CascadeConfig, rank: int, world: int, device) -> tuple[Context,
     check_data(cfg, len(train_tokens), len(val_tokens), world)
     claim_out_dir(cfg, plan, rank)
     TR.barrier()
-    ctx = Context(rank, world, device, tok, train_tokens, val_tokens)
+    ctx = Context(rank, world, device, train_tokens, val_tokens)
     log(ctx, f"data: {len(train_tokens):,} train / {len(val_tokens):,} held-out tokens, vocab {tok.vocab_size} "
              f"({time.time() - t0:.1f}s)")
     return ctx, plan
