@@ -543,9 +543,64 @@ def _open_shard(path: str, tok: Optional[Tokenizer]) -> tuple[np.ndarray, int, s
     return tokens, vocab_size, hash_.decode()
 
 
-def load_tokens(path: str | os.PathLike, tok: Optional[Tokenizer] = None) -> np.ndarray:
-    """Tokens from a shard file, a folder of `*.bin` shards, or a glob. One shard stays a read-only
-    memmap; several are concatenated in memory, in sorted name order."""
+class ShardedTokens:
+    """Several token shards read as one 1-D stream, without loading them: each shard stays a read-only
+    memmap, and reads index across shard boundaries. The paper's token counts (1-3T per child) are
+    terabytes, so concatenating a folder in RAM on every rank is not an option.
+
+    Supports what the loaders need: len, .size/.shape/.ndim/.dtype, a contiguous slice (a view over the
+    same memmaps, nothing copied), an integer or an integer array of positions (only those tokens are
+    read), and .tolist() / np.asarray (which do copy everything: tests and small data only)."""
+
+    def __init__(self, parts: list[np.ndarray], vocab_size: Optional[int] = None):
+        self.parts = [p for p in parts if len(p)]
+        self.vocab_size = vocab_size
+        self.dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.uint32)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # part k holds [starts[k], starts[k+1])
+        self.size = int(self.starts[-1])
+        self.shape, self.ndim = (self.size,), 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.size)
+            if step != 1:
+                raise IndexError("ShardedTokens supports contiguous slices only")
+            stop = max(start, stop)
+            parts = []
+            for k, p in enumerate(self.parts):
+                lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
+                if lo < hi:
+                    parts.append(p[lo - self.starts[k]: hi - self.starts[k]])
+            return ShardedTokens(parts, self.vocab_size)
+        idx = np.asarray(key)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"ShardedTokens takes integer positions or a slice, got {idx.dtype}")
+        flat = np.where(idx < 0, idx + self.size, idx).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.size):
+            raise IndexError(f"token position out of range for a stream of {self.size} tokens")
+        part = np.searchsorted(self.starts, flat, side="right") - 1  # which shard holds each position
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for k in np.unique(part):
+            sel = part == k
+            out[sel] = self.parts[k][flat[sel] - self.starts[k]]
+        return out.reshape(idx.shape) if idx.ndim else out[0]
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.concatenate(self.parts) if self.parts else np.empty(0, self.dtype)
+        return a if dtype is None else a.astype(dtype)
+
+    def tolist(self) -> list:
+        return [t for p in self.parts for t in p.tolist()]
+
+
+def load_tokens(path: str | os.PathLike, tok: Optional[Tokenizer] = None, max_vocab: Optional[int] = None):
+    """Tokens from a shard file, a folder of `*.bin` shards, or a glob. One shard is a read-only memmap;
+    several are a `ShardedTokens` over their memmaps, in sorted name order: nothing is read into memory.
+    Every header is checked (magic, version, size, and with `tok` its vocabulary and tokenizer hash);
+    `max_vocab` refuses shards written for a larger vocabulary (the model's), without scanning the ids."""
     path = os.fspath(path)
     if any(c in path for c in "*?["):
         files = sorted(glob.glob(path))
@@ -561,7 +616,11 @@ def load_tokens(path: str | os.PathLike, tok: Optional[Tokenizer] = None) -> np.
     if len({(v, h) for _, v, h in opened}) > 1:
         raise ValueError(f"shards at {path} were written by different tokenizers or vocab sizes: "
                          "keep one tokenizer's shards per folder")
-    return opened[0][0] if len(opened) == 1 else np.concatenate([a for a, _, _ in opened])
+    vocab = opened[0][1]
+    if max_vocab is not None and vocab > max_vocab:
+        raise ValueError(f"{path} was tokenized for a vocabulary of {vocab} ids, the model has {max_vocab}: "
+                         f"tokenize with the model's own tokenizer (python data.py prepare --vocab-size {max_vocab})")
+    return opened[0][0] if len(opened) == 1 else ShardedTokens([a for a, _, _ in opened], vocab)
 
 
 # -----------------------------------------------------------------------------
@@ -576,6 +635,7 @@ class PackedLoader:
     `step` is the next batch_size * world_size of them and rank r takes slice r. So batch(step) is a
     pure function of (seed, step, rank, world_size): resuming needs only the step, and ranks never
     share a window. Targets whose input is EOS (predicting the next document's BOS) are -100.
+    `tokens` may be a memmap or a `ShardedTokens` (load_tokens): only the batch's windows are read.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
@@ -584,7 +644,7 @@ class PackedLoader:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in 0..world_size-1 = {world_size - 1}")
-        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+        self.tokens = tokens if isinstance(tokens, (np.ndarray, ShardedTokens)) else np.asarray(tokens)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.eos_id = rank, world_size, eos_id
         self.global_batch = batch_size * world_size

@@ -29,10 +29,13 @@ Deviations from the paper / choices where it is silent:
  5. Gradients are computed in the forward (like Liger-Kernel's fused losses), so calling the loss with
     grad enabled costs the backward GEMMs even if `.backward()` never comes; under `torch.no_grad()` or
     when no input requires grad, those GEMMs are skipped. The loss cannot be differentiated twice.
- 6. fp32 logits from bf16/fp16 inputs: on CUDA the GEMMs ask for an fp32 output (`out_dtype`); the
+ 6. fp32 logits from bf16 inputs: on CUDA the GEMMs ask for an fp32 output (`out_dtype`); the
     gradient GEMMs read a bf16 copy of the logit gradient and accumulate the head gradient in fp32.
     On the CPU (no mixed-dtype GEMM) the inputs are upcast once per call, which costs one fp32 copy of
-    each head. fp64 inputs stay fp64 throughout (tests).
+    each head. fp64 inputs stay fp64 throughout (tests). fp16 is refused: the logit gradient is
+    already divided by T*n, and at n = 262144 its entries (and the hidden-state gradient, which must
+    come back in the input's dtype) fall below fp16's normal range; without loss scaling the input
+    gradient was 35% off. bf16 has fp32's exponent range.
  7. Masked tokens are gathered out before the chunk loop, so they cost nothing.
 
 Run: `python -m pytest tests/test_losses.py -q`; `python benchmarks/kl_bench.py` (or `python bench.py kl`)
@@ -284,6 +287,9 @@ def _run(hs, ws, ht, wt, valid, tgt, kl_weight, ce_weight, n_total, temperature,
         chunk_size = default_chunk_size(ws.shape[0], hs.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if torch.float16 in (hs.dtype, ws.dtype, None if ht is None else ht.dtype):
+        raise ValueError("fp16 inputs underflow in the fused loss (gradients of order 1/n fall below fp16's range, "
+                         "deviation 6): pass bf16 or fp32 hidden states and heads")
     if valid is not None and not bool(valid.all()):
         idx = valid.nonzero().squeeze(1)
         hs = hs.index_select(0, idx)  # autograd scatters the gradient back into [N, D]
@@ -410,6 +416,8 @@ def ce_reference(hidden, head, targets, mask=None, n_total=None):
 #      plain YaRN (factor seq_len / max_seq_len, original length = its max_seq_len, no query
 #      temperature: MS3.1 has none) for the duration of the stage only, then is restored.
 #  S3. Teacher forward FLOPs are passed to train() separately, so MFU counts the hardware's work.
+#  S4. bf16 at world size 1 (autocast, no FSDP) hands the fused op bf16 student hidden states and head,
+#      as FSDP2's mixed precision does when sharded: one process takes the same bf16-in, fp32-out path.
 # Run: `python distill.py --student PATH --teacher PATH --data TOKENS --out DIR [--long-context ...]`;
 # `--loss ce` pretrains without a teacher. Depends on (this section): model.py, data.py, train.py.
 
@@ -424,7 +432,7 @@ from torch.distributed.tensor import DTensor
 
 from data import PackedLoader, load_tokens
 from model import Transformer, flops_per_token
-from train import (TrainConfig, TrainingDiverged, build_model, configs_from_args, setup_distributed,
+from train import (TrainConfig, TrainingDiverged, build_model, configs_from_args, run_main, setup_distributed,
                    teardown_distributed, train)
 
 
@@ -455,6 +463,18 @@ def _plain(w: torch.Tensor) -> torch.Tensor:
     return w.full_tensor() if isinstance(w, DTensor) else w
 
 
+def _compute_dtype(h_BTD: torch.Tensor, W_VD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's final hidden states and head in the compute dtype (S4). Sharded, FSDP2's mixed
+    precision already gives bf16; unsharded, train.py's autocast leaves both fp32 (the residual stream
+    and the master weight), and the fused op would then upcast the bf16 teacher head (an fp32 copy of
+    V x D per micro-batch, 2.7 GB at 24B) and run fp32 GEMMs. Autograd casts the gradients back."""
+    dev = h_BTD.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return h_BTD.to(dt), W_VD.to(dt)
+    return h_BTD, W_VD
+
+
 def kl_loss_fn(teacher: Transformer, cfg: DistillConfig):
     """loss_fn for train(): KL(p_T || p_S) summed over valid targets / n_total (optionally mixed with CE)."""
     if cfg.loss != "kl":
@@ -465,20 +485,26 @@ def kl_loss_fn(teacher: Transformer, cfg: DistillConfig):
             t_hidden_BTD = teacher(inputs_BT, return_hidden=True)
         t_head_VD = _plain(teacher.lm_head.weight)
         valid_N = targets_BT.flatten() != -100
-        return student(inputs_BT, head_fn=lambda h_BTD, W_VD: fused_kl(
-            h_BTD.flatten(0, 1), W_VD, t_hidden_BTD.flatten(0, 1), t_head_VD, mask=valid_N,
-            temperature=cfg.temperature, chunk_size=stage_chunk_size(cfg, W_VD.shape[0], h_BTD.device),
-            n_total=n_total, ce_weight=cfg.ce_weight,
-            targets=targets_BT.flatten() if cfg.ce_weight > 0 else None))
+
+        def head(h_BTD, W_VD):
+            h_BTD, W_VD = _compute_dtype(h_BTD, W_VD)
+            return fused_kl(h_BTD.flatten(0, 1), W_VD, t_hidden_BTD.flatten(0, 1), t_head_VD, mask=valid_N,
+                            temperature=cfg.temperature, chunk_size=stage_chunk_size(cfg, W_VD.shape[0], h_BTD.device),
+                            n_total=n_total, ce_weight=cfg.ce_weight,
+                            targets=targets_BT.flatten() if cfg.ce_weight > 0 else None)
+        return student(inputs_BT, head_fn=head)
     return loss_fn
 
 
 def ce_loss_fn(cfg: DistillConfig):
     """loss_fn for train(): next-token cross-entropy / n_total (pretraining, baselines)."""
+    def head(h_BTD, W_VD, targets_BT, n_total):
+        h_BTD, W_VD = _compute_dtype(h_BTD, W_VD)
+        return fused_ce(h_BTD.flatten(0, 1), W_VD, targets_BT.flatten(),
+                        chunk_size=stage_chunk_size(cfg, W_VD.shape[0], h_BTD.device), n_total=n_total)
+
     def loss_fn(model, inputs_BT, targets_BT, n_total):
-        return model(inputs_BT, head_fn=lambda h_BTD, W_VD: fused_ce(
-            h_BTD.flatten(0, 1), W_VD, targets_BT.flatten(),
-            chunk_size=stage_chunk_size(cfg, W_VD.shape[0], h_BTD.device), n_total=n_total))
+        return model(inputs_BT, head_fn=lambda h_BTD, W_VD: head(h_BTD, W_VD, targets_BT, n_total))
     return loss_fn
 
 
@@ -506,17 +532,18 @@ def distill(student: Transformer, teacher: Transformer, loader, train_cfg: Train
     teacher.requires_grad_(False)
     seq = train_cfg.seq_len
     teacher_args = teacher.args
-    if long_context:
-        student.args = long_context_args(student.args, distill_cfg)
-        student.reset_buffers()
-        if teacher.args.yarn_factor is None and seq > teacher.args.max_seq_len:  # S2: this stage only
-            teacher.args = dataclasses.replace(teacher.args, yarn_factor=seq / teacher.args.max_seq_len,
-                                       yarn_original_max_pos=teacher.args.max_seq_len, max_seq_len=seq)
-            teacher.reset_buffers()
-    if seq > student.args.max_seq_len:
-        raise ValueError(f"seq_len {seq} exceeds the student's max_seq_len {student.args.max_seq_len}: "
-                         f"{'raise --long-yarn-factor' if long_context else 'use --long-context'} or shorten --seq-len")
-    try:
+    try:  # every change to the teacher happens inside: an error anywhere below restores it
+        if long_context:
+            student.args = long_context_args(student.args, distill_cfg)
+            student.reset_buffers()
+            if teacher.args.yarn_factor is None and seq > teacher.args.max_seq_len:  # S2: this stage only
+                teacher.args = dataclasses.replace(teacher.args, yarn_factor=seq / teacher.args.max_seq_len,
+                                                   yarn_original_max_pos=teacher.args.max_seq_len, max_seq_len=seq)
+                teacher.reset_buffers()
+        if seq > student.args.max_seq_len:
+            raise ValueError(f"seq_len {seq} exceeds the student's max_seq_len {student.args.max_seq_len}: "
+                             f"{'raise --long-yarn-factor' if long_context else 'use --long-context'} or shorten "
+                             f"--seq-len")
         return train(student, loader, kl_loss_fn(teacher, distill_cfg), train_cfg, device=device, eval_fn=eval_fn,
                      name=name or ("distill-long" if long_context else "distill"),
                      teacher_flops_per_token=flops_per_token(teacher.args, seq, training=False),
@@ -582,8 +609,9 @@ class DistillRun:
 def main(argv=None) -> int:
     tcfg, dcfg, run = configs_from_args([TrainConfig, DistillConfig, DistillRun], argv,
                                         description="Logit distillation (PAPER.md section 5) with train.py's loop.")
-    rank = 0
-    try:
+
+    def stage() -> int:
+        nonlocal tcfg
         if dcfg.loss not in ("kl", "ce"):
             raise ValueError(f"--loss must be kl or ce, got {dcfg.loss!r}")
         if dcfg.loss == "kl" and (run.teacher is None or not os.path.isdir(run.teacher)):
@@ -599,20 +627,13 @@ def main(argv=None) -> int:
         teacher = build_model(run.teacher, tcfg, device, train=False) if dcfg.loss == "kl" else None
         if teacher is not None:
             check_vocab(student, teacher)
-
-        def tokens(path):
-            t = load_tokens(path)
-            if len(t) and int(t.max()) >= student.args.vocab_size:
-                raise ValueError(f"{path} holds token id {int(t.max())} >= the model's vocabulary "
-                                 f"{student.args.vocab_size}: tokenize with the model's tokenizer")
-            return t
-
-        loader = PackedLoader(tokens(run.data), tcfg.micro_batch_size, tcfg.seq_len, seed=tcfg.seed, rank=rank,
-                              world_size=world)
+        V = student.args.vocab_size  # shard headers name their vocabulary: no scan of the ids
+        loader = PackedLoader(load_tokens(run.data, max_vocab=V), tcfg.micro_batch_size, tcfg.seq_len,
+                              seed=tcfg.seed, rank=rank, world_size=world)
         eval_fn = None
         if run.val_data:
-            val = PackedLoader(tokens(run.val_data), tcfg.micro_batch_size, tcfg.seq_len, seed=tcfg.seed + 1,
-                               rank=rank, world_size=world)
+            val = PackedLoader(load_tokens(run.val_data, max_vocab=V), tcfg.micro_batch_size, tcfg.seq_len,
+                               seed=tcfg.seed + 1, rank=rank, world_size=world)
             eval_fn = lambda m: evaluate_pair(m, teacher, val, run.eval_batches)
         if teacher is None:
             if run.long_context:
@@ -623,13 +644,11 @@ def main(argv=None) -> int:
         else:
             distill(student, teacher, loader, tcfg, dcfg, device=device, long_context=run.long_context,
                     eval_fn=eval_fn)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # CheckpointError is a ValueError
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
         teardown_distributed()
-    return 0
+        return 0
+
+    # every rank prints its own error once and leaves at once: no peer waits for it (train.run_main)
+    return run_main(stage, expected=(ValueError, FileNotFoundError, TrainingDiverged))  # CheckpointError: ValueError
 
 
 if __name__ == "__main__":

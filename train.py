@@ -20,20 +20,27 @@ Deviations and choices (the paper says nothing about the training loop):
  2. bf16 means FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) with fp32 master
     weights when the model is sharded. Unsharded (world size 1, CPU or GPU) it means `torch.autocast`
     to bf16 around the loss, again with fp32 master weights. "fp32" is plain fp32 everywhere.
- 3. The frozen teacher is cast to the compute dtype (no fp32 master copy is needed) and only its
-    blocks are sharded; its root (embedding, final norm, lm_head) stays replicated on every rank. The
-    student's fused loss runs inside the STUDENT's forward and needs the teacher's head weight there
-    as a plain tensor; a sharded teacher root would free its gathered weight after the teacher's own
-    forward. Cost: V*D (x2 when untied) teacher parameters per device, 1.3 GB in bf16 for the 24B
-    teacher (V 131072, D 5120, untied).
+ 3. The frozen teacher is cast to the compute dtype (no fp32 master copy is needed) and sharded like the
+    student: every block, then the root. The root matters: without it each block is its own FSDP root,
+    and a root keeps its parameters gathered after forward, so after the first step every rank would
+    hold the whole teacher (47 GB at 24B in bf16 instead of 47/N). With the root sharded, each block is
+    gathered for its forward and freed after it. The root's own parameters (embedding, final norm,
+    lm_head) stay gathered after the teacher's forward (FSDP2 keeps a root's parameters for the
+    backward it expects), which is what the student's fused loss needs: the teacher's head weight as a
+    plain tensor inside the STUDENT's forward. Cost: V*D (x2 when untied) teacher parameters per
+    device, 1.3 GB in bf16 for the 24B teacher (V 131072, D 5120, untied).
  4. Weight decay on every >=2-D weight including the embedding; none on norms and other 1-D params.
  5. Learning rate: linear warmup over `warmup_steps` (step s gets lr*(s+1)/warmup), then cosine to
     min_lr_ratio*lr at `steps`. The schedule is a pure function of the step, so the scheduler's
     whole state is the step number.
  6. The data position is the step: loaders are stateless in (seed, step, rank, world_size), micro-batch
-    i = step * grad_accum + micro. A resume therefore refuses a different world size, batch size or
-    sequence length (the data order would change). Checkpoints hold model, optimizer, step and per-rank
-    RNG (torch CPU + CUDA, python, numpy); a resumed run ends bit-identical to an uninterrupted one.
+    i = step * grad_accum + micro. A resume therefore refuses a different world size, batch size,
+    sequence length or seed (the data order would change), and a different schedule (steps, lr,
+    warmup, cosine floor) unless `--resume-schedule-change` says so (e.g. a lower lr after a
+    divergence). Checkpoints hold model, optimizer, step and per-rank RNG (torch CPU + CUDA, python,
+    numpy); a resumed run ends bit-identical to an uninterrupted one. A checkpoint is written every
+    `ckpt_every` steps and also when `ckpt_minutes` of wall-clock time have passed since the last one
+    (rank 0's clock decides for all ranks), so a slow real run loses at most that much work.
  7. MFU is measured against a per-device bf16 dense peak table; devices not in it (CPU, fp32
     training) report no MFU rather than a guess. Teacher forward FLOPs are passed separately.
 
@@ -41,6 +48,10 @@ Run: this file is a library (it owns no loss). `python train.py --help` lists th
 distill.py and cascade.py share; `python distill.py ...` and `python cascade.py ...` train.
 Multi-GPU: `torchrun --nproc_per_node 8 distill.py ...`; multi-node: add `--nnodes/--node_rank/
 --rdzv_endpoint`, with out_dir on a filesystem all nodes share (DCP writes one file per rank).
+Failures: `run_main` wraps each rank's main. The rank that fails prints its error once and leaves at
+once (os._exit, no collective teardown), so its peers' next collective fails (gloo: the connection
+closes) or times out (`setup_distributed(timeout_s)`, NCCL's watchdog) and they leave too, with one
+line each: no rank waits at a barrier for a peer that is gone.
 Depends on: model.py.
 """
 
@@ -49,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -59,6 +71,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 import types
 import typing
 import warnings
@@ -100,12 +113,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     fsdp: str = "auto"  # "auto": shard when world size > 1; "always" (tests at world 1); "never"
-    ckpt_every: int = 0  # DCP checkpoint every N steps; 0 = only at the end
+    ckpt_every: int = 0  # DCP checkpoint every N steps; 0 = only at the end (and by ckpt_minutes)
+    ckpt_minutes: float = 30.0  # also checkpoint when this much wall-clock time passed since the last; 0 = off
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 10  # progress line + metrics.jsonl record every N steps
     eval_every: int = 0  # call eval_fn every N steps (and at the end); 0 = only at the end
     seed: int = 0  # torch / python / numpy RNG seed (offset by rank)
     resume: bool = False  # continue from out_dir/ckpt/latest when it exists
+    resume_schedule_change: bool = False  # let --resume change steps/lr/warmup/min_lr_ratio (else refused)
     export: bool = True  # write the Hugging Face checkpoint out_dir/model at the end
 
 
@@ -178,10 +193,12 @@ def write_json_atomic(path: str, obj) -> None:
 # Distributed setup
 
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
+def setup_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, torch.device]:
     """(rank, world_size, local_rank, device). Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) a process
     group is created: NCCL for CUDA tensors (plus gloo for CPU ones), gloo on a CPU-only machine.
-    Without torchrun: world size 1, no process group."""
+    Without torchrun: world size 1, no process group. timeout_s bounds every collective: a rank whose
+    peer is gone (or stuck) raises after it instead of waiting forever (see `run_main`). The default
+    leaves room for a 24B checkpoint on a slow shared filesystem."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
@@ -193,11 +210,12 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world, device_id=device)
+            dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world, device_id=device,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
     else:
         device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank, world_size=world)
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local_rank, device
 
 
@@ -231,6 +249,51 @@ def _print0(*a):
         print(*a, flush=True)
 
 
+def _peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank left or stalled (not this rank's own error)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+        k in text for k in ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out",
+                            "gloo", "NCCL")))
+
+
+def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, FileNotFoundError)) -> int:
+    """Run one rank's main and return its exit code; on an error, leave the process at once.
+
+    An `expected` error (bad input, refused resume) prints `error: <message>` on one line, any other
+    error its traceback; either is printed by the rank that raised it, tagged with the rank when there
+    are several. Then the rank calls os._exit without tearing down the process group: a teardown
+    or a final barrier could wait for peers that wait for us. The peers' next collective fails when
+    our connections close (gloo), or times out (setup_distributed's timeout, NCCL's watchdog); they
+    print one line saying a peer failed and leave the same way. So every rank exits non-zero within a
+    bounded time and the original error is printed once."""
+    try:
+        code = main()
+        return 0 if code is None else int(code)
+    except BaseException as e:  # noqa: BLE001 (SystemExit and KeyboardInterrupt leave the same way)
+        rank, world = _rank_world()
+        tag = f"[rank {rank}/{world}] " if world > 1 else ""
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(f"{tag}{e.code}", file=sys.stderr, flush=True)
+        elif world > 1 and _peer_failure(e):
+            print(f"{tag}stopping: another rank failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                  file=sys.stderr, flush=True)
+            code = 1
+        elif isinstance(e, expected):
+            print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+            code = 1
+        else:
+            print(tag + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
+            code = 1
+        if world > 1:
+            sys.stdout.flush()
+            os._exit(code or 1)
+        teardown_distributed()  # alone (torchrun --nproc_per_node 1): nobody waits for us
+        return code
+
+
 # -----------------------------------------------------------------------------
 # parallelize and model construction
 
@@ -262,8 +325,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def parallelize(model: Transformer, cfg: TrainConfig, device: torch.device, train: bool = True) -> Transformer:
     """Activation checkpointing per block, optional compile per block, then FSDP2 per block and the root.
 
-    train=False prepares a frozen teacher: no grad, eval mode, cast to the compute dtype, blocks sharded,
-    root replicated (reading guide, item 3). Call it on a meta-device model and materialise afterwards
+    train=False prepares a frozen teacher: no grad, eval mode, cast to the compute dtype, blocks and root
+    sharded (reading guide, item 3). Call it on a meta-device model and materialise afterwards
     (`build_model`), or on a materialised one. Parameter names stay those of the plain model."""
     shard = _use_fsdp(cfg)
     dtype = _compute_dtype(cfg)
@@ -283,8 +346,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, device: torch.device, trai
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if train else MixedPrecisionPolicy()
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root too: blocks are then freed after forward (item 3)
         if train:
-            fully_shard(model, mesh=mesh, mp_policy=mp)
             for m in model.modules():  # the loss is already divided by the global token count: SUM gradients
                 if isinstance(m, FSDPModule):
                     m.set_force_sum_reduction_for_comms(True)
@@ -387,8 +450,14 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, loss: float, grad_norm: float):
         self.step = step
         super().__init__(f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; the last good "
-                         f"checkpoint is kept: lower --lr, raise --warmup-steps or check the data, then --resume")
+                         f"checkpoint is kept: lower --lr, raise --warmup-steps or check the data, then --resume "
+                         f"--resume-schedule-change")
 
+
+# What a resume must not change silently: the data order (world size, batch, sequence length, seed) is
+# always refused; the schedule only with --resume-schedule-change (reading guide, item 6).
+_CKPT_DATA_FIELDS = ("world_size", "batch_size", "seq_len", "seed")
+_CKPT_SCHEDULE_FIELDS = ("steps", "lr", "warmup_steps", "min_lr_ratio")
 
 _CKPT_SHAPE_FIELDS = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size",
                       "tied_embeddings")
@@ -434,8 +503,8 @@ def save_checkpoint(out_dir: str, step: int, model, opt, cfg: TrainConfig) -> st
         pickle.dump(_rng_state(), f)
     barrier()
     if rank == 0:
-        meta = {"step": step, "world_size": world, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                "model_args": dataclasses.asdict(model.args)}
+        meta = {"step": step, "world_size": world, "model_args": dataclasses.asdict(model.args),
+                **{k: getattr(cfg, k) for k in _CKPT_DATA_FIELDS + _CKPT_SCHEDULE_FIELDS if k != "world_size"}}
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)  # written last: marks the folder complete
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -443,11 +512,18 @@ def save_checkpoint(out_dir: str, step: int, model, opt, cfg: TrainConfig) -> st
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final) + "\n")
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        done = sorted((d for d in os.listdir(root) if _ckpt_step(d) is not None), key=_ckpt_step)
         for d in done[:-max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     barrier()
     return final
+
+
+def _ckpt_step(name: str) -> Optional[int]:
+    """The step of a complete-looking `step_N` folder name, else None. Checkpoints are ordered by this
+    number, not by name: `step_1000000` sorts before `step_999999` as a string."""
+    m = re.fullmatch(r"step_(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def latest_checkpoint(out_dir: str) -> Optional[str]:
@@ -461,14 +537,15 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
             cand = os.path.join(root, f.read().strip())
         if os.path.exists(os.path.join(cand, "meta.json")):
             return cand
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-                  and os.path.exists(os.path.join(root, d, "meta.json")))
+    done = sorted((d for d in os.listdir(root) if _ckpt_step(d) is not None
+                   and os.path.exists(os.path.join(root, d, "meta.json"))), key=_ckpt_step)
     return os.path.join(root, done[-1]) if done else None
 
 
 def load_checkpoint(path: str, model, opt, cfg: TrainConfig) -> int:
     """Restore model, optimizer and this rank's RNG from a checkpoint folder; returns the step to resume at.
-    Refuses a checkpoint written for another model shape, world size, batch size or sequence length."""
+    Refuses a checkpoint written for another model shape, world size, batch size, sequence length or
+    seed, or (unless cfg.resume_schedule_change) another schedule: steps, lr, warmup, cosine floor."""
     rank, world = _rank_world()
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
@@ -478,10 +555,19 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig) -> int:
     if diff:
         raise ValueError(f"checkpoint {path} was written for another model shape ({', '.join(diff)}): pass the "
                          f"matching model, or a fresh --out-dir / --no-resume to start over")
-    for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("seq_len", cfg.seq_len)):
-        if meta[key] != now:
-            raise ValueError(f"checkpoint {path} was written with {key} {meta[key]}, this run has {now}: the data "
-                             f"order depends on it, so resume with {key} {meta[key]} or start a fresh --out-dir")
+    ours = {"world_size": world, **{k: getattr(cfg, k) for k in _CKPT_DATA_FIELDS + _CKPT_SCHEDULE_FIELDS
+                                      if k != "world_size"}}
+    diff = [k for k in _CKPT_DATA_FIELDS if k in meta and meta[k] != ours[k]]
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with " + ", ".join(f"{k} {meta[k]}" for k in diff)
+                         + f"; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": the data order "
+                         f"depends on them, so resume with the checkpoint's values or start a fresh --out-dir")
+    diff = [k for k in _CKPT_SCHEDULE_FIELDS if k in meta and meta[k] != ours[k]]
+    if diff and not cfg.resume_schedule_change:
+        raise ValueError(f"checkpoint {path} was written with " + ", ".join(f"{k} {meta[k]}" for k in diff)
+                         + f"; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": resuming would "
+                         f"change the learning-rate schedule; pass the checkpoint's values, or "
+                         f"--resume-schedule-change to change it on purpose")
     state = _app_state(model, opt)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -507,6 +593,17 @@ def export(model: Transformer, path: str, dtype=None, extra_files: Optional[dict
 
 # -----------------------------------------------------------------------------
 # The loop
+
+
+def _clock_says_checkpoint(t_last: float, cfg: TrainConfig, device) -> bool:
+    """ckpt_minutes passed since the last checkpoint, on rank 0's clock (broadcast: every rank must take
+    the same decision, or some would wait in the checkpoint's collectives for the others)."""
+    if cfg.ckpt_minutes <= 0:
+        return False
+    due = torch.tensor([float(time.monotonic() - t_last >= 60.0 * cfg.ckpt_minutes)], device=device)
+    if dist.is_initialized():
+        dist.broadcast(due, 0)
+    return bool(due.item())
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -592,6 +689,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
     model.train()
     _sync(device)
     t_window, window_step_s, steps_in_window = time.perf_counter(), 0.0, 0  # since the last progress line
+    t_ckpt = time.monotonic()  # wall clock since the last checkpoint (or the start)
 
     def run_eval(step):
         if eval_fn is None:
@@ -657,8 +755,10 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
             t_window, window_step_s, steps_in_window = time.perf_counter(), 0.0, 0
         if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done != cfg.steps:
             run_eval(done)
-        if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == cfg.steps:
+        if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == cfg.steps \
+                or _clock_says_checkpoint(t_ckpt, cfg, device):
             save_checkpoint(cfg.out_dir, done, model, opt, cfg)
+            t_ckpt = time.monotonic()
     run_eval(cfg.steps)
     out = None
     if cfg.export:

@@ -159,7 +159,8 @@ def test_nan_teacher_stops_the_stage_and_keeps_the_last_checkpoint(trained_teach
     with torch.no_grad():
         broken.norm.weight[0] = float("nan")
     with pytest.raises(T.TrainingDiverged, match="step 3"):
-        DI.distill(student, broken, loader, tcfg(tmp_path, steps=4, resume=True), DI.DistillConfig(), device="cpu")
+        DI.distill(student, broken, loader, tcfg(tmp_path, steps=4, resume=True, resume_schedule_change=True),
+                   DI.DistillConfig(), device="cpu")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_000002"]
 
 

@@ -230,16 +230,18 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
     monkeypatch.setattr(T.dcp, "save", crashing_save)
     with pytest.raises(OSError, match="injected"):
-        T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=6, ckpt_every=2, resume=True), device="cpu")
+        T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=6, ckpt_every=2, resume=True,
+                resume_schedule_change=True), device="cpu")
     assert T.latest_checkpoint(str(tmp_path)).endswith("step_000004")
     assert (tmp_path / "ckpt" / "step_000006.tmp").exists()
     monkeypatch.setattr(T.dcp, "save", real_save)
     m2 = tiny_model(seed=7)
     opt = T.make_optimizer(m2, cfg_for(tmp_path))
-    assert T.load_checkpoint(T.latest_checkpoint(str(tmp_path)), m2, opt, cfg_for(tmp_path)) == 4
+    assert T.load_checkpoint(T.latest_checkpoint(str(tmp_path)), m2, opt, cfg_for(tmp_path, ckpt_every=2)) == 4
     for k, v in at_4.items():
         assert torch.equal(m2.state_dict()[k], v), k
-    T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=6, ckpt_every=2, resume=True), device="cpu")
+    T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=6, ckpt_every=2, resume=True,
+                resume_schedule_change=True), device="cpu")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_000004", "step_000006"]  # .tmp cleaned
 
 
@@ -250,13 +252,89 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
     before = {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)}
     with pytest.raises(ValueError, match=r"another model shape \(dim 64 vs 32"):
         T.train(tiny_model(dim=32), loader, ce_loss, cfg_for(tmp_path, steps=4, resume=True), device="cpu")
-    with pytest.raises(ValueError, match="batch_size 4, this run has 8"):
+    with pytest.raises(ValueError, match="batch_size 4; this run has batch_size 8"):
         T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=4, batch_size=8, resume=True), device="cpu")
     with pytest.raises(ValueError, match="pass --resume"):  # a fresh run must not overwrite an old one
         T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=4), device="cpu")
     with pytest.raises(ValueError, match="past --steps 1"):
-        T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=1, resume=True), device="cpu")
+        T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=1, resume=True, resume_schedule_change=True),
+                device="cpu")
     assert {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)} == before
+
+
+def test_resume_refuses_another_seed_or_schedule_naming_the_fields(tmp_path):
+    """The seed orders the data and the schedule is a function of (steps, lr, warmup, floor): a resume that
+    changes them silently would not be the run it claims to continue."""
+    loader = CycleLoader(TINY.vocab_size, 2, 16)
+    T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, steps=2, ckpt_every=1), device="cpu")
+    go = lambda **kw: T.train(tiny_model(), loader, ce_loss, cfg_for(tmp_path, resume=True, **kw), device="cpu")
+    with pytest.raises(ValueError, match="seed 0; this run has seed 5"):
+        go(steps=2, seed=5)
+    with pytest.raises(ValueError, match=r"steps 2, lr 0.01; this run has steps 3, lr 0.001.*--resume-schedule-change"):
+        go(steps=3, lr=1e-3)
+    with pytest.raises(ValueError, match="warmup_steps 1, min_lr_ratio 0.1; this run has warmup_steps 2, min_lr_ratio 0.5"):
+        go(steps=2, warmup_steps=2, min_lr_ratio=0.5)
+    with pytest.raises(ValueError, match="seed"):  # the data order cannot be overridden
+        go(steps=3, seed=5, resume_schedule_change=True)
+    assert go(steps=3, resume_schedule_change=True)["step"] == 3  # on purpose: allowed
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    """step_1000000 sorts before step_999999 as a string: pruning by name would delete the newest."""
+    m = tiny_model()
+    cfg = cfg_for(tmp_path, keep_checkpoints=1)
+    opt = T.make_optimizer(m, cfg)
+    for step in (999_999, 1_000_000):
+        T.save_checkpoint(str(tmp_path), step, m, opt, cfg)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_1000000"]
+    T.save_checkpoint(str(tmp_path), 999_998, m, opt, dataclasses.replace(cfg, keep_checkpoints=5))
+    os.remove(tmp_path / "ckpt" / "latest")  # without the pointer: the highest step, not the last name
+    assert T.latest_checkpoint(str(tmp_path)).endswith("step_1000000")
+
+
+def test_wall_clock_checkpoints(tmp_path, monkeypatch):
+    """ckpt_minutes writes a checkpoint when that much time has passed, whatever ckpt_every says."""
+    clock = iter(range(0, 10_000, 700))  # 700 s per call of time.monotonic: one check in two is due
+    monkeypatch.setattr(T.time, "monotonic", lambda: next(clock))
+    T.train(tiny_model(), CycleLoader(TINY.vocab_size, 2, 16), ce_loss,
+            cfg_for(tmp_path, steps=5, ckpt_every=0, ckpt_minutes=20, keep_checkpoints=10), device="cpu")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_000002", "step_000004", "step_000005"]
+
+
+def test_resume_restores_the_rng(tmp_path, monkeypatch):
+    """A loss that draws random numbers (dropout-like noise), interrupted and resumed, ends bit-identical to
+    an uninterrupted run; with the RNG restore skipped it does not (so the test can tell)."""
+    class Stop(Exception):
+        pass
+
+    class Interrupt(CycleLoader):
+        def batch(self, i):
+            if i == self.stop_at:
+                raise Stop
+            return super().batch(i)
+
+    def noisy(model, x, y, n_total):
+        return ce_loss(model, x, y, n_total) * (1 + 0.5 * torch.rand(()))
+
+    def run(out, stop_at=-1):
+        loader = Interrupt(TINY.vocab_size, 2, 16)
+        loader.stop_at = stop_at
+        m = tiny_model()
+        try:
+            T.train(m, loader, noisy, cfg_for(out, steps=6, ckpt_every=2, resume=True), device="cpu")
+        except Stop:
+            return None
+        return m.state_dict()
+
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "cut", stop_at=4 * 2) is None  # stopped in step 5, checkpoint at step 4
+    torch.manual_seed(123)  # whatever the process did in between
+    resumed = run(tmp_path / "cut")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert run(tmp_path / "skip", stop_at=4 * 2) is None
+    monkeypatch.setattr(T, "_set_rng_state", lambda s: None)
+    skipped = run(tmp_path / "skip")
+    assert not all(torch.equal(full[k], skipped[k]) for k in full)
 
 
 def test_non_finite_loss_stops_without_checkpointing_that_step(tmp_path):
@@ -272,7 +350,8 @@ def test_non_finite_loss_stops_without_checkpointing_that_step(tmp_path):
     assert e.value.step == 3
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step_000001", "step_000002"]
     m2 = tiny_model(seed=5)
-    T.load_checkpoint(T.latest_checkpoint(str(tmp_path)), m2, T.make_optimizer(m2, cfg_for(tmp_path)), cfg_for(tmp_path))
+    T.load_checkpoint(T.latest_checkpoint(str(tmp_path)), m2, T.make_optimizer(m2, cfg_for(tmp_path)),
+                      cfg_for(tmp_path, steps=6))
     for k, v in m.state_dict().items():  # the diverged step changed nothing
         assert torch.equal(m2.state_dict()[k], v), k
 
