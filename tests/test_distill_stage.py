@@ -144,6 +144,48 @@ def test_long_context_switches_the_student_and_restores_the_teacher(trained_teac
                    dcfg, device="cpu", long_context=True)
 
 
+def test_a_refused_long_stage_leaves_the_teacher_as_it_was(trained_teacher, tmp_path):
+    """The teacher is switched to YaRN for a long stage; a seq-len error after the switch must undo it."""
+    args = trained_teacher.args
+    freq = trained_teacher.inv_freq.clone()
+    dcfg = DI.DistillConfig(long_yarn_factor=2.0, long_original_max_pos=16)  # student reaches 32, stage asks 128
+    trained_teacher.args = dataclasses.replace(args, max_seq_len=64)  # 128 > 64: the teacher gets YaRN
+    short = trained_teacher.args
+    try:
+        with pytest.raises(ValueError, match="exceeds the student's max_seq_len 32"):
+            DI.distill(make(STUDENT, 2), trained_teacher, CycleLoader(V, 4, 128), tcfg(tmp_path, seq_len=128), dcfg,
+                       device="cpu", long_context=True)
+        assert trained_teacher.args is short and trained_teacher.args.yarn_factor is None
+        torch.testing.assert_close(trained_teacher.inv_freq, freq, rtol=0, atol=0)
+    finally:
+        trained_teacher.args = args
+        trained_teacher.reset_buffers()
+
+
+def test_bf16_at_world_size_one_hands_the_fused_loss_bf16(trained_teacher, tmp_path, monkeypatch):
+    """Autocast (one process, --dtype bf16) leaves the student's final hidden states and master head fp32; the
+    stage must give the fused op bf16, as FSDP2's mixed precision does, not make it upcast the bf16 teacher."""
+    seen = []
+    real = DI._fused_loop
+
+    def spy(hs, ws, ht, wt, *a):
+        seen.append((hs.dtype, ws.dtype, None if ht is None else ht.dtype, None if wt is None else wt.dtype))
+        return real(hs, ws, ht, wt, *a)
+
+    monkeypatch.setattr(DI, "_fused_loop", spy)
+    teacher = T.parallelize(make(TEACHER, 0), tcfg(tmp_path, dtype="bf16"), torch.device("cpu"), train=False)
+    student = make(STUDENT, 2)
+    r = DI.distill(student, teacher, CycleLoader(V, 4, 32), tcfg(tmp_path, steps=2, dtype="bf16"), DI.DistillConfig(),
+                   device="cpu")
+    assert seen and all(d == (torch.bfloat16,) * 4 for d in seen), seen
+    assert all(p.dtype == torch.float32 and p.grad is None for p in student.parameters())  # fp32 masters
+    assert r["history"][-1]["loss"] < r["history"][0]["loss"] * 1.5  # finite, trained
+    seen.clear()
+    T.train(student, CycleLoader(V, 4, 32), DI.ce_loss_fn(DI.DistillConfig()),
+            tcfg(tmp_path / "ce", steps=1, dtype="bf16"), device="cpu")
+    assert seen == [(torch.bfloat16, torch.bfloat16, None, None)]
+
+
 def test_vocabulary_mismatch_is_refused(trained_teacher, tmp_path):
     small_vocab = make(dataclasses.replace(STUDENT, vocab_size=128), 0)
     with pytest.raises(ValueError, match="student has 128 tokens, the teacher 256"):
