@@ -50,7 +50,7 @@ eigenvectors and the eigh workspace (about 4 x 210 MB). No fp32 copy of the mode
 Run: `python prune.py --parent PATH --size 8b --out PATH --calib TOKENS.npy` (or a data.py shard, or
 `--calib-random 8` for a smoke test; `--layers/--dim/--ffn` override single numbers). Under torchrun
 each rank holds the parent on its GPU and calibrates on its share of the sequences; rank 0 writes.
-Depends on: model.py.
+Depends on: model.py, data.py (the token-shard reader and its checks, for the CLI's calibration data).
 
 Shape letters as in model.py: B batch, T tokens, D model dim, F FFN width, V vocabulary, N flattened
 (valid) tokens, L layers, K kept units / dims (k).
@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from data import Tokenizer, load_tokens
 from model import ModelArgs, Transformer, load_model, num_params, read_checkpoint_args, save_model
 
 LAYER_METHODS = ("norm_ratio", "block_influence", "random", "last_k")
@@ -690,46 +691,43 @@ def report_to_json(report: dict):
 
 
 # -----------------------------------------------------------------------------
-# Calibration data for the CLI (pre-tokenized; read with numpy, no tokenizer needed)
-
-_SHARD_MAGIC, _SHARD_HEADER_BYTES = b"MIN3TOKS", 256  # data.py's shard layout: header, then uint16/uint32 ids
+# Calibration data for the CLI (pre-tokenized: a .npy, or data.py's shards read by data.py itself)
 
 
-def read_token_file(path: str) -> np.ndarray:
-    """Token ids from a .npy file (1-D stream or 2-D rows), a data.py shard (.bin), or a folder of shards."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".bin"))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no *.bin token shards: run `python data.py prepare` or pass a .npy")
-        return np.concatenate([read_token_file(f) for f in files])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"calibration file {path} does not exist: pass a .npy of token ids or a data.py shard")
+def read_token_file(path: str, parent: Optional[str] = None, vocab_size: Optional[int] = None):
+    """Token ids from a .npy file (1-D stream or 2-D rows), a data.py shard (.bin), a folder or a glob of
+    shards. Shards go through data.load_tokens, so they get its checks (magic, version, size; the
+    vocabulary against `vocab_size`, the parent's; the tokenizer hash against the parent's tekken.json
+    when it has one) and its streaming: a folder stays memory-mapped, shard by shard, never concatenated."""
     if path.endswith(".npy"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"calibration file {path} does not exist: pass a .npy of token ids or data.py "
+                                    f"shards")
         try:
             arr = np.load(path, mmap_mode="r")
         except ValueError as e:
             raise ValueError(f"{path} is not a readable .npy file ({e}): re-save it with numpy.save") from None
-    else:
-        with open(path, "rb") as f:
-            head = f.read(_SHARD_HEADER_BYTES)
-        if len(head) < _SHARD_HEADER_BYTES or head[:8] != _SHARD_MAGIC:
+        if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path} holds a {arr.shape} {arr.dtype} array: expected integer token ids, 1-D or 2-D")
+        return arr
+    if not (os.path.exists(path) or any(c in path for c in "*?[")):
+        raise FileNotFoundError(f"calibration file {path} does not exist: pass a .npy of token ids or data.py shards")
+    tekken = os.path.join(parent, "tekken.json") if parent else None
+    tok = Tokenizer.from_file(tekken, vocab_size=vocab_size) if tekken and os.path.exists(tekken) else None
+    try:
+        return load_tokens(path, tok, max_vocab=vocab_size)
+    except ValueError as e:
+        if "bad magic" in str(e):
             raise ValueError(f"{path} is neither a .npy file nor a data.py token shard (bad magic): save token ids "
-                             f"with numpy.save or `python data.py prepare`")
-        itemsize, n = int.from_bytes(head[12:16], "little"), int.from_bytes(head[24:32], "little")
-        dtype = {2: np.uint16, 4: np.uint32}.get(itemsize)
-        if dtype is None or os.path.getsize(path) != _SHARD_HEADER_BYTES + n * itemsize:
-            raise ValueError(f"{path}: the shard header does not match the file size: the file is truncated or "
-                             f"corrupt; re-run `python data.py prepare`")
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=_SHARD_HEADER_BYTES, shape=(n,))
-    if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{path} holds a {arr.shape} {arr.dtype} array: expected integer token ids, 1-D or 2-D")
-    return arr
+                             f"with numpy.save or `python data.py prepare`") from None
+        raise
 
 
-def calibration_batches(tokens: np.ndarray, n_seqs: int, seq_len: int, batch_size: int, rank: int = 0,
+def calibration_batches(tokens, n_seqs: int, seq_len: int, batch_size: int, rank: int = 0,
                         world_size: int = 1) -> list[torch.Tensor]:
     """Cut n_seqs evenly spaced, non-overlapping windows of seq_len tokens from a 1-D stream (or pick
-    evenly spaced rows of a 2-D array, cut to seq_len) and batch them. Rank r of W takes windows r, r+W,
+    evenly spaced rows of a 2-D array, cut to seq_len) and batch them. A 1-D stream may be data.py's
+    ShardedTokens: only the chosen windows are read. Rank r of W takes windows r, r+W,
     ..., the same number on every rank."""
     if tokens.ndim == 1:
         n = min(n_seqs, tokens.shape[0] // seq_len)
@@ -784,7 +782,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=_positive_int, default=None, help="override the target's hidden dim")
     ap.add_argument("--ffn", type=_positive_int, default=None, help="override the target's FFN width")
     ap.add_argument("--calib", default=None, help="token ids: a .npy (1-D stream or 2-D rows), a data.py shard, "
-                                                   "or a folder of shards")
+                                                   "or a folder of shards (checked against the parent's tekken.json)")
     ap.add_argument("--calib-random", type=_positive_int, default=None, metavar="N",
                     help="N random-token sequences instead (smoke tests only: random text gives poor scores)")
     ap.add_argument("--calib-seqs", type=_positive_int, default=256, help="sequences to calibrate on")
@@ -812,7 +810,7 @@ def main(argv=None):
         target = resolve_target(parent_args, a.size, layers=a.layers, dim=a.dim, ffn=a.ffn,
                                 multiple_of=cfg.multiple_of)  # fail fast, before reading any weight
         if a.calib is not None:
-            tokens = read_token_file(a.calib)
+            tokens = read_token_file(a.calib, a.parent, parent_args.vocab_size)
         else:
             g = np.random.default_rng(cfg.seed)
             tokens = g.integers(0, parent_args.vocab_size, size=(a.calib_random, a.seq_len), dtype=np.int64)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -290,6 +291,82 @@ def test_shards_roundtrip_and_mismatch(tmp_path, small):
         data.load_tokens(tmp_path / "nothing")
     with pytest.raises(ValueError, match="outside this tokenizer"):
         data.write_shards(np.array([9000], np.uint32), tmp_path / "t", small)
+
+
+def _raw_shards(folder, sizes, vocab=131072, file_hash="0" * 64, chunk=1 << 20):
+    """Shards of the ids 0, 1, 2, ... (mod vocab) written in chunks: no array of the whole stream exists."""
+    os.makedirs(folder, exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        dtype = data._shard_dtype(vocab)
+        with open(os.path.join(folder, f"shard_{i:05d}.bin"), "wb") as f:
+            f.write(data.SHARD_HEADER.pack(data.SHARD_MAGIC, data.SHARD_VERSION, np.dtype(dtype).itemsize, vocab, n,
+                                           file_hash.encode()).ljust(data.SHARD_HEADER_BYTES, b"\0"))
+            for j in range(0, n, chunk):
+                (np.arange(start + j, start + min(n, j + chunk), dtype=np.int64) % vocab).astype(dtype).tofile(f)
+        start += n
+
+
+def test_sharded_tokens_index_across_shard_boundaries(tmp_path):
+    """A folder of shards reads like their concatenation (windows straddle shard ends), through memmaps."""
+    _raw_shards(tmp_path / "s", [37, 5, 58], vocab=1000)
+    t = data.load_tokens(tmp_path / "s", max_vocab=1000)
+    whole = np.arange(100) % 1000
+    assert isinstance(t, data.ShardedTokens) and all(isinstance(p, np.memmap) for p in t.parts)
+    assert len(t) == t.size == 100 and t.tolist() == whole.tolist()
+    idx = np.array([[0, 36, 37, 41, 42, 99], [-1, 5, 38, 40, 43, 98]])
+    assert (t[idx] == whole[idx]).all() and t[41] == 41 and t[-1] == 99
+    assert t[30:45].tolist() == whole[30:45].tolist() and t[:-60].tolist() == whole[:40].tolist()
+    assert all(isinstance(p, np.memmap) for p in t[30:45].parts)  # a slice is a view, not a copy
+    for seed in (0, 1):
+        a, b = (data.PackedLoader(x, batch_size=3, seq_len=9, seed=seed) for x in (t, whole))
+        for step in range(5):
+            for u, v in zip(a.batch(step), b.batch(step)):
+                assert torch.equal(u, v)
+    with pytest.raises(IndexError):
+        t[np.array([100])]
+    with pytest.raises(ValueError, match="vocabulary of 1000 ids, the model has 512"):
+        data.load_tokens(tmp_path / "s", max_vocab=512)
+
+
+RSS_WORKER = """
+import os, resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import data
+
+def anon_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+
+def data_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1])
+
+limit = (data_kb() + 32 * 1024) * 1024  # 32 MiB more private memory than the interpreter holds now
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+before = anon_kb()
+tokens = data.load_tokens(sys.argv[1], max_vocab=131072)
+loader = data.PackedLoader(tokens, batch_size=4, seq_len=4096, seed=0)
+total = 0
+for step in range(0, 300, 7):
+    x, y = loader.batch(step)
+    total += int(x[:, 0].sum())
+assert [int(tokens[i]) for i in (0, 8_000_000, 24_000_000 - 1)] == [i % 131072 for i in (0, 8_000_000, 24_000_000 - 1)]
+print(len(tokens), anon_kb() - before)
+"""
+
+
+def test_loader_over_shards_larger_than_an_rss_limit(tmp_path):
+    """3 shards of 32 MiB each (96 MiB of uint32 ids) under a 32 MiB limit on private memory (RLIMIT_DATA,
+    which counts every malloc and anonymous mapping, not the page cache behind a read-only memmap):
+    loading the folder and drawing batches must not copy the stream."""
+    _raw_shards(tmp_path / "s", [8_000_000] * 3)
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, grew_kb = map(int, r.stdout.split())
+    assert n == 24_000_000 and grew_kb < 32 * 1024
 
 
 # -- loader --------------------------------------------------------------------------------------

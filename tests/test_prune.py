@@ -536,3 +536,40 @@ def test_cli_bad_input(tmp_path, capsys):
         P.main(["--parent", str(tmp_path / "parent"), "--out", str(tmp_path / "o"), "--dim", "48",
                 "--calib", str(tmp_path / "junk.bin")])
     assert "bad magic" in str(e.value.code)
+
+
+# -- the CLI's calibration reader ------------------------------------------------------------------
+
+def test_calibration_shards_get_data_py_checks_and_stay_on_disk(tmp_path):
+    """prune.py reads data.py's shards with data.py's checks (format version, the parent's vocabulary and
+    tekken.json hash) and streams a folder through memmaps instead of concatenating it."""
+    import shutil
+
+    import data as D
+    tok = D.Tokenizer.from_file(vocab_size=2048)
+    ids = D.tokenize_documents(["def f(x):\n    return x + 1\n"] * 40, tok)
+    D.write_shards(ids, tmp_path / "s", tok, shard_tokens=150)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    shutil.copy(tok.path, parent / "tekken.json")
+    got = P.read_token_file(str(tmp_path / "s"), str(parent), 2048)
+    assert isinstance(got, D.ShardedTokens) and len(got.parts) > 2 and got.tolist() == ids.tolist()
+    batches = P.calibration_batches(got, 4, 64, 2)  # windows cut across shard ends
+    starts = np.linspace(0, len(ids) - 64, 4).astype(np.int64)
+    assert torch.equal(torch.cat(batches), torch.from_numpy(np.stack([ids[s:s + 64] for s in starts]).astype(np.int64)))
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(tok.path), "tekken_240718.json"), other / "tekken.json")
+    with pytest.raises(ValueError, match="written by another tokenizer"):
+        P.read_token_file(str(tmp_path / "s"), str(other), 2048)
+    with pytest.raises(ValueError, match="vocabulary of 2048 ids, the model has 1500"):
+        P.read_token_file(str(tmp_path / "s"), None, 1500)
+    raw = bytearray((tmp_path / "s" / "shard_00000.bin").read_bytes())
+    raw[8:12] = (2).to_bytes(4, "little")  # a future format version
+    (tmp_path / "s" / "shard_00000.bin").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="format version 2"):
+        P.read_token_file(str(tmp_path / "s"), None, 2048)
+    (tmp_path / "junk.bin").write_bytes(b"x" * 300)
+    with pytest.raises(ValueError, match="neither a .npy file nor a data.py token shard"):
+        P.read_token_file(str(tmp_path / "junk.bin"))
