@@ -283,3 +283,60 @@ def test_fsdp_two_processes_distil_like_one(trained_teacher, tmp_path):
     assert sum(r1["steps"], []) == pytest.approx(sum(r2["steps"], []), rel=1e-5)
     assert r1["eval"]["tokens"] == r2["eval"]["tokens"]
     assert r1["eval"]["kl"] == pytest.approx(r2["eval"]["kl"], rel=1e-4)
+
+
+FAIL_WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    import distill as DI, train as T
+    torch.set_num_threads(1)
+    fail_rank = int(sys.argv[1])
+    real_rng_state = T._rng_state
+
+    def failing_rng_state():  # called by every rank while it writes its checkpoint files
+        if T._rank_world()[0] == fail_rank:
+            raise ValueError(f"injected failure on rank {fail_rank}")
+        return real_rng_state()
+
+    T._rng_state = failing_rng_state
+    sys.exit(DI.main(sys.argv[2:]))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [1, 0])
+def test_an_error_on_one_rank_stops_every_rank(tmp_path, fail_rank):
+    """Two processes launched without torchrun's agent (as a cluster scheduler would: RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT), one fails while writing a checkpoint: both exit non-zero within 60 s on their own,
+    the error is printed once (whichever rank raised it), and the peer adds one line, no traceback."""
+    import socket
+    import time
+    _write_tokens(tmp_path / "tokens", 3000, 512)
+    script = tmp_path / "worker.py"
+    script.write_text(FAIL_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(fail_rank), "--student", "tiny", "--loss", "ce", "--data", str(tmp_path / "tokens"), "--out",
+            str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "32",
+            "--dtype", "fp32", "--log-every", "0", "--ckpt-every", "1"]
+    procs, t0 = [], time.time()
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, 60 - (time.time() - t0))))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert time.time() - t0 < 60
+    text = "".join(o + e for o, e in outs)
+    assert all(p.returncode != 0 for p in procs), text[-3000:]
+    assert text.count(f"injected failure on rank {fail_rank}") == 1, text[-3000:]
+    assert f"[rank {fail_rank}/2] error: injected failure on rank {fail_rank}" in outs[fail_rank][1]
+    assert "Traceback" not in text, text[-3000:]
