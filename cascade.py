@@ -37,6 +37,18 @@ Deviations from the paper, and why:
     child. Distillation is fully sharded (FSDP2) for teacher and student.
  4. The teacher stays the original parent for every size, as in the paper; `--teacher PATH` swaps it
     for the larger-teacher ablation.
+ 5. RoPE per stage, for every preset (Algorithm 1, PAPER.md section 5): the short stage runs plain
+    RoPE, the long stage switches YaRN (factor long/short, L = the short context) and the query
+    temperature on (distill.py S2), and the exported base checkpoint carries that config. The real
+    14b/8b/3b presets hold the released (long-context) config, so `make_plan` strips YaRN and the
+    query temperature for the short stage. The short stage keeps the child's released rope_theta
+    (1e9 for 14B, 1e6 for 8B/3B); the paper is silent on it. We keep it because YaRN of the long stage
+    is defined on that base (its correction range depends on theta), so the long stage changes only
+    what Algorithm 1 says it changes; a pruned child from a 1e9 parent is retuned to 1e6 by
+    distillation (prune.py deviation 5).
+ 6. Real-run defaults (`--preset paper`): no from-scratch baseline (it would pretrain a 3B on ~1.2T
+    tokens; pass --baseline), and checkpoints every 1000 steps plus every 30 minutes of wall clock
+    (train.py's ckpt_minutes), not every quarter of a 500K-step stage.
 
 Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
 experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
@@ -92,14 +104,14 @@ class CascadeConfig:
     dtype: Optional[str] = None  # fp32 or bf16
     activation_checkpointing: bool = False  # recompute each block in backward (real sizes: on)
     compile: bool = False  # torch.compile each block
-    ckpt_every: Optional[int] = None  # training checkpoint every N steps; None = four per stage
+    ckpt_every: Optional[int] = None  # training checkpoint every N steps (plus every 30 min); None = preset's
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
     eval_batches: int = 8  # held-out batches for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
     layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
     ce_weight: float = 0.0  # 0 = forward KL alone (paper); >0 mixes in next-token CE (ablation)
     temperature: float = 1.0  # distillation temperature T
-    baseline: bool = True  # train the smallest size from scratch on the same tokens, for the table
+    baseline: Optional[bool] = None  # train the smallest size from scratch on the same tokens; None = preset's
     ablation: Optional[str] = None  # kl_vs_mix | layer_selection | teacher: 3 seeds, mean and spread
     ablation_seeds: int = 3
 
@@ -116,14 +128,17 @@ DEMO_PARENT = {
 }
 PRESET_STAGES = {
     "cpu": dict(parent_steps=240, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
-                seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64),
+                seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64, baseline=True),
     "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
-                seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256),
+                seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256,
+                baseline=True),
     # The paper's contexts for a real parent (section 1): ~1T tokens per child = 500K steps of 2M tokens.
+    # No baseline by default (deviation 6); checkpoints every 1000 steps and every 30 minutes.
     "paper": dict(parent_steps=0, short_steps=500_000, long_steps=5_000, batch_size=128, micro_batch_size=1,
-                  seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256),
+                  seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256,
+                  baseline=False, ckpt_every=1000),
     "smoke": dict(parent_steps=150, short_steps=20, long_steps=6, batch_size=8, micro_batch_size=8,
-                  seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16),
+                  seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16, baseline=True),
 }
 REAL_SIZES = ["14b", "8b", "3b"]
 RATIOS = {  # (layers, dim, ffn) of each real child relative to MS3.1 (section 2 table)
@@ -142,6 +157,13 @@ def miniature(parent: M.ModelArgs, size: str, short_len: int) -> M.ModelArgs:
         parent, n_layers=max(1, round(parent.n_layers * rl)), dim=8 * max(1, round(parent.dim * rd / 8)),
         hidden_dim=8 * max(1, round(parent.hidden_dim * rf / 8)), tied_embeddings=real.tied_embeddings,
         yarn_factor=None, qtemp_beta=None, yarn_original_max_pos=short_len, qtemp_original_max_pos=short_len)
+
+
+def short_stage_args(a: M.ModelArgs, short_len: int) -> M.ModelArgs:
+    """A child's short-stage RoPE (deviation 5): its own rope_theta, no YaRN, no query temperature, with L
+    recorded as the short context so the long stage's switch (distill.long_context_args) sets the rest."""
+    return dataclasses.replace(a, yarn_factor=None, qtemp_beta=None, yarn_original_max_pos=short_len,
+                               qtemp_original_max_pos=short_len, max_seq_len=short_len)
 
 
 def resolved(cfg: CascadeConfig) -> CascadeConfig:
@@ -195,8 +217,8 @@ def make_plan(cfg: CascadeConfig) -> Plan:
         sizes = parse_shapes(cfg.shapes, parent)
     elif cfg.parent is None:
         sizes = [(n, miniature(parent, n, cfg.seq_len)) for n in names]
-    else:
-        sizes = [(n, M.ModelArgs.preset(n)) for n in names]
+    else:  # the released configs are the long-context ones: the short stage runs plain RoPE (deviation 5)
+        sizes = [(n, short_stage_args(M.ModelArgs.preset(n), cfg.seq_len)) for n in names]
     for name, a in sizes:
         for k in ("n_layers", "dim", "hidden_dim"):
             if getattr(a, k) > getattr(parent, k):
@@ -225,6 +247,7 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int):
                              f"--out, or delete that folder to start over")
     elif os.path.isdir(cfg.out) and os.listdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is not empty and holds no run.json: choose a new --out")
+    TR.barrier()  # every rank has looked before rank 0 writes (else a peer sees run.json.tmp-* and fails)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         TR.write_json_atomic(path, {"fingerprint": plan.fingerprint, "config": dataclasses.asdict(cfg)})
@@ -668,10 +691,14 @@ def config_from_argv(argv=None) -> CascadeConfig:
 
 def main(argv=None):
     cfg = config_from_argv(argv)
-    try:
+
+    def body():
         run_cascade(cfg)
-    except (ValueError, FileNotFoundError, M.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return 0
+
+    # an error on one rank: printed once by that rank, every rank exits at once (train.run_main)
+    code = TR.run_main(body, expected=(ValueError, FileNotFoundError, M.CheckpointError))
+    if code:
         sys.exit(2)
 
 

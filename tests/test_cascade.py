@@ -94,6 +94,45 @@ def test_miniature_ratios_follow_the_real_family():
         C.resolved(C.config_from_argv(["--preset", "paper"]))
 
 
+def test_paper_preset_short_stage_plain_rope_long_stage_the_released_config(tmp_path):
+    """Algorithm 1 / PAPER.md section 5 for the real sizes: the short stage (16K) trains plain RoPE at the
+    child's own rope_theta; the long stage's switch gives exactly the released 14b/8b/3b config (YaRN 16,
+    L 16384, query temperature 0.1, 262144 positions), which the exported base checkpoint carries."""
+    parent = tmp_path / "ms31"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps(M.hf_config(M.ModelArgs.preset("24b"))))
+    cfg = C.resolved(C.config_from_argv(["--preset", "paper", "--parent", str(parent)]))
+    plan = C.make_plan(cfg)
+    dcfg = C.DI.DistillConfig(long_yarn_factor=cfg.long_seq_len / cfg.seq_len, long_original_max_pos=cfg.seq_len)
+    for name, short in plan.sizes:
+        real = M.ModelArgs.preset(name)
+        assert short.yarn_factor is None and short.qtemp_beta is None and short.max_seq_len == 16384, name
+        assert short.rope_theta == real.rope_theta
+        long = C.DI.long_context_args(short, dcfg)
+        assert long == real, name
+        m = M.Transformer(M.ModelArgs(**{**long.__dict__, "n_layers": 1, "dim": 64, "hidden_dim": 64,
+                                          "n_heads": 2, "n_kv_heads": 1, "head_dim": 32, "vocab_size": 1280}))
+        M.save_model(m, str(tmp_path / name))
+        back, _ = M.read_checkpoint_args(str(tmp_path / name))
+        assert (back.yarn_factor, back.yarn_original_max_pos, back.qtemp_beta, back.max_seq_len) == \
+            (16.0, 16384, 0.1, 262144)
+
+
+def test_paper_preset_real_run_defaults(tmp_path):
+    """No 3B-from-scratch baseline unless asked (it would pretrain on ~1.2T tokens); checkpoints every 1000
+    steps and every 30 minutes, not every quarter of a 500K-step stage. The demo presets keep theirs."""
+    parent = tmp_path / "ms31"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps(M.hf_config(M.ModelArgs.preset("24b"))))
+    cfg = C.resolved(C.config_from_argv(["--preset", "paper", "--parent", str(parent)]))
+    assert cfg.baseline is False
+    ctx = C.Context(0, 1, torch.device("cpu"), None, None)
+    t = C.train_config(cfg, ctx, str(tmp_path / "x"), cfg.short_steps, cfg.seq_len)
+    assert t.ckpt_every == 1000 and t.ckpt_minutes == 30
+    assert C.resolved(C.config_from_argv(["--preset", "paper", "--parent", str(parent), "--baseline"])).baseline
+    assert C.resolved(C.config_from_argv(SMOKE)).baseline is True
+
+
 # -- bad input, each refused before any training -------------------------------------------------
 
 def test_size_larger_than_parent(tmp_path, capsys):
