@@ -408,8 +408,10 @@ def ce_reference(hidden, head, targets, mask=None, n_total=None):
 # The stage: a frozen teacher, a trainable student, forward KL on every valid token, through train.py's
 # loop. Choices where the paper is silent:
 #  S1. The teacher runs first, under no_grad, and hands over its final-norm hidden states; its lm_head
-#      weight is read as a plain tensor (train.parallelize keeps the teacher's root unsharded; a
-#      DTensor head is gathered). The fused KL then runs inside the student's forward via head_fn.
+#      weight is read as a plain tensor (sharded, FSDP2 leaves the root gathered after forward; a
+#      DTensor head would be gathered here). The fused KL then runs inside the student's forward via
+#      head_fn; afterwards the teacher's root is resharded (`_release`), so between micro-batches the
+#      teacher holds 1/N of every parameter per rank (train.py reading guide, item 3).
 #  S2. Long context (Algorithm 1's second distill): the student switches to YaRN (factor s, original
 #      length L) plus the query temperature (beta, same L) before training, and is exported that way.
 #      The teacher is left alone while the sequence fits its max_seq_len; beyond it the teacher gets
@@ -428,6 +430,7 @@ import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from data import PackedLoader, load_tokens
@@ -463,6 +466,14 @@ def _plain(w: torch.Tensor) -> torch.Tensor:
     return w.full_tensor() if isinstance(w, DTensor) else w
 
 
+def _release(teacher: Transformer) -> None:
+    """Free the sharded teacher's gathered root (embedding, final norm, head) once the student's fused loss
+    has read the head (S1): FSDP2 keeps a root gathered after forward, waiting for a backward that a frozen
+    teacher never runs. Between micro-batches every teacher parameter is then its 1/N shard."""
+    if isinstance(teacher, FSDPModule):
+        teacher.reshard()
+
+
 def _compute_dtype(h_BTD: torch.Tensor, W_VD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's final hidden states and head in the compute dtype (S4). Sharded, FSDP2's mixed
     precision already gives bf16; unsharded, train.py's autocast leaves both fp32 (the residual stream
@@ -492,7 +503,9 @@ def kl_loss_fn(teacher: Transformer, cfg: DistillConfig):
                             temperature=cfg.temperature, chunk_size=stage_chunk_size(cfg, W_VD.shape[0], h_BTD.device),
                             n_total=n_total, ce_weight=cfg.ce_weight,
                             targets=targets_BT.flatten() if cfg.ce_weight > 0 else None)
-        return student(inputs_BT, head_fn=head)
+        loss = student(inputs_BT, head_fn=head)
+        _release(teacher)
+        return loss
     return loss_fn
 
 
@@ -584,6 +597,8 @@ def evaluate_pair(student: Transformer, teacher: Optional[Transformer], loader, 
             return ce, kl
 
         ce, kl = student(x_BT, head_fn=head)
+        if teacher is not None:
+            _release(teacher)
         totals[0] += float(ce)
         totals[1] += float(kl)
     if dist.is_initialized():

@@ -27,8 +27,9 @@ Deviations and choices (the paper says nothing about the training loop):
     gathered for its forward and freed after it. The root's own parameters (embedding, final norm,
     lm_head) stay gathered after the teacher's forward (FSDP2 keeps a root's parameters for the
     backward it expects), which is what the student's fused loss needs: the teacher's head weight as a
-    plain tensor inside the STUDENT's forward. Cost: V*D (x2 when untied) teacher parameters per
-    device, 1.3 GB in bf16 for the 24B teacher (V 131072, D 5120, untied).
+    plain tensor inside the STUDENT's forward; distill.py reshards the teacher once that loss is done.
+    Per rank the teacher holds 1/N of its weights between micro-batches, and at the peak of a step
+    additionally its gathered root (V*D, x2 untied: 1.3 GB in bf16 at 24B) and one gathered block.
  4. Weight decay on every >=2-D weight including the embedding; none on norms and other 1-D params.
  5. Learning rate: linear warmup over `warmup_steps` (step s gets lr*(s+1)/warmup), then cosine to
     min_lr_ratio*lr at `steps`. The schedule is a pure function of the step, so the scheduler's
