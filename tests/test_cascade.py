@@ -221,6 +221,19 @@ def test_torchrun_two_processes_on_real_format_parent(tmp_path, fmt):
     # both ranks trained on disjoint data, and the world size was recorded by the loop
     cfg = json.loads((out / "s1_3x48x128" / "short" / "config.json").read_text())
     assert cfg["world_size"] == 2
+    if fmt == "hf":  # the same config in one process: the same cuts, losses and held-out figures
+        # (held-out batches and calibration count sequences per rank: 4 in one process = 2 on each of 2 ranks)
+        argv = cmd[cmd.index("--parent"):] + ["--micro-batch-size", "4"]
+        argv[argv.index("--out") + 1] = str(tmp_path / "one")
+        one = C.run_cascade(C.config_from_argv(argv))["rows"]
+        assert [r["stage"] for r in one] == [r["stage"] for r in table]
+        for a, b in zip(one, table):
+            assert (a["tokens"], a["params"]) == (b["tokens"], b["params"]), a["stage"]
+            assert a["ce"] == pytest.approx(b["ce"], rel=1e-4) and a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-5)
+        for stage in ("s1_3x48x128/short", "s2_2x32x96/long"):  # training losses step by step
+            losses = [[json.loads(l)["loss"] for l in open(d / stage / "metrics.jsonl") if '"loss"' in l]
+                      for d in (tmp_path / "one", out)]
+            assert losses[0] == pytest.approx(losses[1], rel=1e-4), stage
 
 
 @pytest.mark.slow
