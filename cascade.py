@@ -32,7 +32,8 @@ Deviations from the paper, and why:
     "kept" = (ln V - CE_child) / (ln V - CE_parent), the share of the parent's gain over a uniform
     guess that the child keeps (1.0 = as good as the parent).
  3. Pruning needs whole tensors: in a multi-GPU run every rank holds the full source model (24B in
-    bf16: 47 GiB, beside its 1/N of the sharded teacher) and calibrates on its own share of the
+    bf16: 47 GB; a later source is a child exported in fp32, 14B: 54 GB; beside its 1/N of the
+    sharded teacher) and calibrates on its own share of the
     sequences; the statistics are all-reduced, so all ranks cut the same units, and rank 0 writes the
     child. Distillation is fully sharded (FSDP2) for teacher and student.
  4. The teacher stays the original parent for every size, as in the paper; `--teacher PATH` swaps it
