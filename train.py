@@ -275,7 +275,7 @@ def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, F
         rank, world = _rank_world()
         tag = f"[rank {rank}/{world}] " if world > 1 else ""
         if isinstance(e, SystemExit):
-            code = e.code if isinstance(e.code, int) else 1
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
             if not isinstance(e.code, (int, type(None))):
                 print(f"{tag}{e.code}", file=sys.stderr, flush=True)
         elif world > 1 and _peer_failure(e):
