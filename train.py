@@ -290,7 +290,7 @@ def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, F
             code = 1
         if world > 1:
             sys.stdout.flush()
-            os._exit(code or 1)
+            os._exit(code)
         teardown_distributed()  # alone (torchrun --nproc_per_node 1): nobody waits for us
         return code
 
