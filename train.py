@@ -596,12 +596,16 @@ def export(model: Transformer, path: str, dtype=None, extra_files: Optional[dict
 # The loop
 
 
+def _wall_clock() -> float:
+    return time.monotonic()
+
+
 def _clock_says_checkpoint(t_last: float, cfg: TrainConfig, device) -> bool:
     """ckpt_minutes passed since the last checkpoint, on rank 0's clock (broadcast: every rank must take
     the same decision, or some would wait in the checkpoint's collectives for the others)."""
     if cfg.ckpt_minutes <= 0:
         return False
-    due = torch.tensor([float(time.monotonic() - t_last >= 60.0 * cfg.ckpt_minutes)], device=device)
+    due = torch.tensor([float(_wall_clock() - t_last >= 60.0 * cfg.ckpt_minutes)], device=device)
     if dist.is_initialized():
         dist.broadcast(due, 0)
     return bool(due.item())
@@ -690,7 +694,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
     model.train()
     _sync(device)
     t_window, window_step_s, steps_in_window = time.perf_counter(), 0.0, 0  # since the last progress line
-    t_ckpt = time.monotonic()  # wall clock since the last checkpoint (or the start)
+    t_ckpt = _wall_clock()  # wall clock since the last checkpoint (or the start)
 
     def run_eval(step):
         if eval_fn is None:
@@ -759,7 +763,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
         if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == cfg.steps \
                 or _clock_says_checkpoint(t_ckpt, cfg, device):
             save_checkpoint(cfg.out_dir, done, model, opt, cfg)
-            t_ckpt = time.monotonic()
+            t_ckpt = _wall_clock()
     run_eval(cfg.steps)
     out = None
     if cfg.export:
