@@ -129,18 +129,17 @@ DEMO_PARENT = {
 }
 PRESET_STAGES = {
     "cpu": dict(parent_steps=240, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
-                seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64, baseline=True),
+                seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64),
     "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
-                seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256,
-                baseline=True),
+                seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256),
     # The paper's contexts for a real parent (section 1): ~1T tokens per child = 500K steps of 2M tokens.
-    # No baseline by default (deviation 6); checkpoints every 1000 steps and every 30 minutes.
     "paper": dict(parent_steps=0, short_steps=500_000, long_steps=5_000, batch_size=128, micro_batch_size=1,
-                  seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256,
-                  baseline=False, ckpt_every=1000),
+                  seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256),
     "smoke": dict(parent_steps=150, short_steps=20, long_steps=6, batch_size=8, micro_batch_size=8,
-                  seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16, baseline=True),
+                  seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16),
 }
+# Real-run defaults that differ from the demos' (deviation 6); every other preset trains the baseline.
+REAL_RUN_DEFAULTS = {"paper": dict(baseline=False, ckpt_every=1000)}
 REAL_SIZES = ["14b", "8b", "3b"]
 RATIOS = {  # (layers, dim, ffn) of each real child relative to MS3.1 (section 2 table)
     "14b": (40 / 40, 5120 / 5120, 16384 / 32768),
@@ -173,7 +172,8 @@ def resolved(cfg: CascadeConfig) -> CascadeConfig:
         raise ValueError(f"--preset {cfg.preset!r} is unknown: choose one of {', '.join(PRESET_STAGES)}")
     if cfg.parent is None and cfg.preset not in DEMO_PARENT:
         raise ValueError(f"--preset {cfg.preset} sizes a run on a real parent: give --parent PATH")
-    fill = {k: v for k, v in PRESET_STAGES[cfg.preset].items() if getattr(cfg, k) is None}
+    preset = {**PRESET_STAGES[cfg.preset], "baseline": True, **REAL_RUN_DEFAULTS.get(cfg.preset, {})}
+    fill = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **fill)
 
 
