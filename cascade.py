@@ -678,7 +678,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), 
 SHAPES = ("square", "circle", "triangle")
 PLACES = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 VISION_STAGES = {  # parent_steps, distill_steps per size, batch, held-out pictures, learning rates
-    "cpu": dict(parent_steps=400, distill_steps=250, batch=32, n_val=96, lr=3e-3, distill_lr=2e-3),
+    "cpu": dict(parent_steps=300, distill_steps=120, batch=32, n_val=96, lr=3e-3, distill_lr=2e-3),
     "smoke": dict(parent_steps=30, distill_steps=10, batch=8, n_val=8, lr=3e-3, distill_lr=2e-3),
 }
 VISION_TEXT = {"cpu": M.ModelArgs(dim=128, n_layers=4, head_dim=32, hidden_dim=512, n_heads=4, n_kv_heads=2,

@@ -16,7 +16,9 @@ Shapes: on the CPU a small ViT (VisionArgs preset bench-cpu: d 256, 4 layers, 4 
 (d 256, 4 layers, vocab 8192) with B 8 x T 256, one image per row. On a GPU the real ViT (24 layers, d 1024)
 on 8 images of 1024 x 768 px and the 3B text shape, bf16 (code path written, not run yet: no GPU lent).
 Time: median of `iters` calls after `warmup`, the device synchronised around each; process CPU time is
-recorded beside wall time because the CPU is shared while these records are taken.
+recorded beside wall time because the CPU is shared while these records are taken. Floor: the matmul
+FLOPs (`vit_flops`, `step_flops`) at the rate of one 1024^3 fp32 matmul measured in the same run (per
+process-CPU second on the CPU); "x floor" = measured / floor.
 
 Run: `python benchmarks/vision_bench.py [--device cuda]` or `python bench.py vision --record`.
 Depends on: vision.py, model.py, train.py, distill.py (transformers optional: the HF rows are skipped without it).
@@ -166,6 +168,31 @@ def step_variant(impl: str, vision: str, text: str, sizes, seq: int, dtype: str,
             "peak_gib": (mem_peak(device) - base) / 2**30, "trainable": sum(p.numel() for p in params)}
 
 
+def vit_flops(args: V.VisionArgs, grids) -> float:
+    """Forward matmul FLOPs of the ViT on packed images: conv + every linear per patch, plus QK^T and AV
+    (2 * 2 * D * n per patch per layer for an image of n patches)."""
+    D, Fw = args.hidden_size, args.intermediate_size
+    per_patch = 2 * (args.num_channels * args.patch_size ** 2 * D + args.n_layers * (4 * D * D + 3 * D * Fw))
+    return sum(n * (per_patch + args.n_layers * 4 * D * n) for n in (h * w for h, w in grids))
+
+
+def step_flops(args_v: V.VisionArgs, args_t: M.ModelArgs, grids, batch: int, seq: int) -> float:
+    """One training step: the frozen ViT forward, the projector forward + backward (6 x its weights per
+    merged token), the text model forward + backward (model.flops_per_token)."""
+    merged = sum(h * w for h, w in grids) // args_v.spatial_merge_size ** 2
+    Dv, P = args_v.hidden_size, args_t.dim
+    proj = 6 * merged * (4 * Dv * Dv + Dv * P + P * P)
+    return vit_flops(args_v, grids) + proj + batch * seq * M.flops_per_token(args_t, seq, training=True)
+
+
+def matmul_rate(device="cpu", dtype="float32", n=1024, iters=5) -> dict:
+    """FLOP/s of one square matmul per wall second and per process-CPU second: the floor's yardstick."""
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    wall, cpu = _timed(lambda: a @ b, device, 2, iters)
+    return {"n": n, "flops_wall": 2 * n ** 3 / wall, "flops_cpu": 2 * n ** 3 / cpu}
+
+
 def bench_vision(device="cpu") -> dict:
     shape = GPU_SHAPE if str(device).startswith("cuda") else CPU_SHAPE
     impls = ["ours"] + (["hf"] if importlib.util.find_spec("transformers") else [])
@@ -173,20 +200,40 @@ def bench_vision(device="cpu") -> dict:
     for impl in impls:
         rows[f"vit_{impl}"] = run_fresh(__file__, "vit_variant", dict(impl=impl, device=device, **shape))
         rows[f"step_{impl}"] = run_fresh(__file__, "step_variant", dict(impl=impl, device=device, **shape))
+    rows["matmul"] = run_fresh(__file__, "matmul_rate", dict(device=device, dtype=shape["dtype"]))
+    args_v, args_t = V.VisionArgs.preset(shape["vision"]), M.ModelArgs.preset(shape["text"])
+    grids = [(args_v.token_px * V.image_token_grid(w, h, args_v)[1] // args_v.patch_size,
+              args_v.token_px * V.image_token_grid(w, h, args_v)[0] // args_v.patch_size) for w, h in shape["sizes"]]
+    rate = rows["matmul"]["flops_cpu" if not str(device).startswith("cuda") else "flops_wall"]
+    rows["floor"] = {"vit_flops": vit_flops(args_v, grids), "step_flops": step_flops(args_v, args_t, grids, len(grids), shape["seq"]),
+                     "rate": rate}
+    rows["floor"]["vit_s"] = rows["floor"]["vit_flops"] / rate
+    rows["floor"]["step_s"] = rows["floor"]["step_flops"] / rate
+    cpu = not str(device).startswith("cuda")
+    for impl in impls:  # measured / floor, both in process-CPU seconds on the CPU (wall is inflated by sharing)
+        v, st = rows[f"vit_{impl}"], rows[f"step_{impl}"]
+        rows[f"vit_{impl}"]["x_floor"] = (v["cpu_ms_per_call"] / 1000 if cpu else v["ms_per_call"] / 1000) / rows["floor"]["vit_s"]
+        rows[f"step_{impl}"]["x_floor"] = (st["cpu_s"] if cpu else st["step_s"]) / rows["floor"]["step_s"]
     print(f"\nViT forward ({shape['vision']} ViT, {len(shape['sizes'])} images {sorted(set(shape['sizes']))}, "
           f"{shape['dtype']}, {device}) and one training step (frozen ViT; projector + {shape['text']} text trained, "
           f"B {len(shape['sizes'])} x T {shape['seq']})")
-    print(f"{'impl':<5} {'ViT images/s':>12} {'ms (cpu ms)':>14} {'peak GiB':>9} {'step s (cpu s)':>16} {'tok/s':>8} {'peak GiB':>9}")
+    print(f"{'impl':<5} {'ViT images/s':>12} {'ms (cpu ms)':>14} {'x floor':>8} {'peak GiB':>9} {'step s (cpu s)':>16} "
+          f"{'x floor':>8} {'tok/s':>8} {'peak GiB':>9}")
     for impl in impls:
         v, s = rows[f"vit_{impl}"], rows[f"step_{impl}"]
-        print(f"{impl:<5} {v['images_s']:>12.1f} {v['ms_per_call']:>7.1f} ({v['cpu_ms_per_call']:>5.0f}) {v['peak_gib']:>9.3f} "
-              f"{s['step_s']:>8.3f} ({s['cpu_s']:>5.2f}) {s['tok_s']:>8,.0f} {s['peak_gib']:>9.3f}")
+        print(f"{impl:<5} {v['images_s']:>12.1f} {v['ms_per_call']:>7.1f} ({v['cpu_ms_per_call']:>5.0f}) {v['x_floor']:>8.2f} "
+              f"{v['peak_gib']:>9.3f} {s['step_s']:>8.3f} ({s['cpu_s']:>5.2f}) {s['x_floor']:>8.2f} {s['tok_s']:>8,.0f} "
+              f"{s['peak_gib']:>9.3f}")
+    f = rows["floor"]
+    print(f"floor: {f['vit_flops'] / 1e9:.2f} GFLOP per ViT call, {f['step_flops'] / 1e9:.1f} GFLOP per step, at the "
+          f"measured {rows['matmul']['n']}^3 matmul rate {f['rate'] / 1e9:.1f} GFLOP/s per {'CPU' if cpu else 'wall'} second")
     if "hf" in impls:
         rows["ratio_vit_images_s"] = rows["vit_ours"]["images_s"] / rows["vit_hf"]["images_s"]
+        rows["ratio_vit_cpu_time"] = rows["vit_ours"]["cpu_ms_per_call"] / rows["vit_hf"]["cpu_ms_per_call"]
         rows["ratio_step_time"] = rows["step_ours"]["step_s"] / rows["step_hf"]["step_s"]
         rows["ratio_step_cpu_time"] = rows["step_ours"]["cpu_s"] / rows["step_hf"]["cpu_s"]
         rows["ratio_step_peak"] = rows["step_ours"]["peak_gib"] / max(rows["step_hf"]["peak_gib"], 1e-9)
-        print(f"ours / HF: ViT images/s {rows['ratio_vit_images_s']:.2f}x, step time {rows['ratio_step_time']:.2f}x "
+        print(f"ours / HF: ViT images/s {rows['ratio_vit_images_s']:.2f}x (CPU time {rows['ratio_vit_cpu_time']:.2f}x), step time {rows['ratio_step_time']:.2f}x "
               f"(CPU time {rows['ratio_step_cpu_time']:.2f}x), step peak memory {rows['ratio_step_peak']:.2f}x")
     return rows
 
