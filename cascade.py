@@ -828,7 +828,9 @@ def run_vision_cascade(cfg: CascadeConfig) -> dict:
         raise ValueError(f"--vision runs the embedded multimodal demo: --preset cpu or smoke, not {cfg.preset!r}")
     if cfg.size not in REAL_SIZES:
         raise ValueError(f"--size {cfg.size!r} is not a cascade size: choose 14b, 8b or 3b")
-    st = VISION_STAGES[cfg.preset]
+    st = dict(VISION_STAGES[cfg.preset])
+    st["parent_steps"] = cfg.parent_steps or st["parent_steps"]  # --parent-steps / --short-steps override the preset
+    st["distill_steps"] = cfg.short_steps or st["distill_steps"]
     out = os.path.join(cfg.out, "vision")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
