@@ -354,3 +354,19 @@ def test_matches_transformers_mistral3(tmp_path, one_thread):
         assert rel(hf2(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits, want) < 1e-4
         V.save_vlm(vlm, tmp_path / "native", format="native")
         assert rel(V.load_vlm(tmp_path / "native")(ids, xs), want) < 1e-4
+
+
+def test_bf16_follows_fp32(tmp_path, one_thread):
+    vlm = tiny_vlm()
+    a, ia = V.preprocess(rand_image(24, 16, 1), TINY)
+    b, ib = V.preprocess(rand_image(16, 32, 2), TINY)
+    ids = torch.tensor([[1, 30] + ia + [31] + ib + [32]])
+    V.save_vlm(vlm, tmp_path / "ck")
+    half = V.load_vlm(tmp_path / "ck", dtype=torch.bfloat16).eval()
+    assert half.vision_tower.patch_conv.weight.dtype == torch.bfloat16
+    assert half.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = vlm(ids, [a, b])
+        got = half(ids, [a, b])  # fp32 images are cast to the ViT's dtype
+    assert got.dtype == torch.bfloat16
+    assert rel(got.float(), want) < 3e-2
