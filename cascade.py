@@ -23,6 +23,8 @@ Two ways to run it:
   * `torchrun --nproc_per_node=8 cascade.py --preset paper --size 3b --parent PATH --data SHARDS
     --activation-checkpointing`: a real parent
     (Hugging Face or Mistral-native) and the real 14B/8B/3B shapes, FSDP2 through train.py.
+  * `python cascade.py --vision`: the embedded multimodal cascade (PAPER.md section 6, the block before
+    the CLI): frozen shared ViT, a fresh projector per child, the student sees the teacher's images.
 
 Deviations from the paper, and why:
  1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
