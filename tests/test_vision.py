@@ -3,7 +3,6 @@ the frozen ViT, bad input, images in the chat format, and parity with transforme
 import io
 import json
 import math
-import os
 
 import pytest
 import torch
