@@ -12,7 +12,8 @@ peak cannot hide another's. On a GPU it is torch.cuda.max_memory_allocated beyon
 Clocks are read after a device synchronise; warm-up iterations are excluded.
 
 Run: `python bench.py model` (decoder fwd+bwd and decoding vs transformers), `python bench.py kl`,
-`python bench.py train`, `python bench.py prune`, `python bench.py tokenizer`, `python bench.py all`.
+`python bench.py train`, `python bench.py prune`, `python bench.py tokenizer`, `python bench.py vision`,
+`python bench.py all`.
 Depends on: model.py, train.py (MFU); the per-concept benchmark functions live in benchmarks/*.py. transformers (and
 liger-kernel on a GPU) are optional baselines, imported only when present.
 """
@@ -174,6 +175,7 @@ SUITES = {
     "train": lambda device: _from_benchmarks("train_bench", "bench_train_step")(device=device),
     "prune": lambda device: _from_benchmarks("prune_bench", "bench_prune")(device=device),
     "tokenizer": lambda device: _from_benchmarks("tokenizer_bench", "bench_tokenizer")(),
+    "vision": lambda device: _from_benchmarks("vision_bench", "bench_vision")(device=device),
 }
 
 

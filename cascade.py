@@ -23,6 +23,8 @@ Two ways to run it:
   * `torchrun --nproc_per_node=8 cascade.py --preset paper --size 3b --parent PATH --data SHARDS
     --activation-checkpointing`: a real parent
     (Hugging Face or Mistral-native) and the real 14B/8B/3B shapes, FSDP2 through train.py.
+  * `python cascade.py --vision`: the embedded multimodal cascade (PAPER.md section 6, the block before
+    the CLI): frozen shared ViT, a fresh projector per child, the student sees the teacher's images.
 
 Deviations from the paper, and why:
  1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
@@ -53,15 +55,18 @@ Deviations from the paper, and why:
 
 Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
 experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
-Depends on: model.py, data.py, prune.py, distill.py, train.py.
+Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,6 +80,7 @@ import distill as DI
 import model as M
 import prune as P
 import train as TR
+import vision as V
 
 # -----------------------------------------------------------------------------
 # Config
@@ -115,6 +121,7 @@ class CascadeConfig:
     baseline: Optional[bool] = None  # train the smallest size from scratch on the same tokens; None = preset's
     ablation: Optional[str] = None  # kl_vs_mix | layer_selection | teacher: 3 seeds, mean and spread
     ablation_seeds: int = 3
+    vision: bool = False  # run the embedded multimodal cascade instead (vision.py, section 6; --preset cpu or smoke)
 
 
 # The embedded experiment. The parent's ratios follow MS3.1; each child applies the real
@@ -683,6 +690,239 @@ def plot_curves(panels: dict, path: str, size=(1200, 520)):
 
 
 # -----------------------------------------------------------------------------
+# The embedded multimodal cascade (`python cascade.py --vision`, PAPER.md section 6)
+#
+# A tiny multimodal parent learns to caption synthetic pictures (one coloured shape in one quadrant,
+# drawn with Pillow); its ViT is then frozen and shared, and each child of the cascade is pruned from the
+# previous size's distilled child (text tower, prune.py, calibrated on the caption chats' tokens), given a
+# freshly initialised projector, and distilled from the parent with forward KL while seeing the same
+# images. The measure is exact-match caption accuracy (greedy) on held-out pictures.
+# Differences from the text demo: one distillation stage per size (captions are short, so there is no
+# long-context stage); the parent trains its ViT with the rest (the real ViT arrives trained with MS3.1).
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("square", "circle", "triangle")
+PLACES = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+VISION_STAGES = {  # parent_steps, distill_steps per size, batch, held-out pictures, learning rates
+    "cpu": dict(parent_steps=300, distill_steps=120, batch=32, n_val=96, lr=3e-3, distill_lr=2e-3),
+    "smoke": dict(parent_steps=30, distill_steps=10, batch=8, n_val=8, lr=3e-3, distill_lr=2e-3),
+}
+VISION_TEXT = {"cpu": M.ModelArgs(dim=128, n_layers=4, head_dim=32, hidden_dim=512, n_heads=4, n_kv_heads=2,
+                                  vocab_size=2048, rope_theta=1e4, max_seq_len=256),
+               "smoke": M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=192, n_heads=4, n_kv_heads=2,
+                                    vocab_size=2048, rope_theta=1e4, max_seq_len=256)}
+PROMPT = "What is in the picture?"
+
+
+def shape_picture(rng: np.random.Generator, size: int = 32):
+    """(Pillow image, caption): one coloured shape in one quadrant of a noisy light background."""
+    from PIL import Image, ImageDraw
+    colour, shape, place = (list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)], list(PLACES)[rng.integers(4)])
+    bg = rng.integers(215, 256, (size, size, 3)).astype(np.uint8)
+    img = Image.fromarray(bg)
+    qx, qy = PLACES[place]
+    half = size // 2
+    s = int(rng.integers(9, half - 1))
+    x0, y0 = qx * half + int(rng.integers(0, half - s + 1)), qy * half + int(rng.integers(0, half - s + 1))
+    box, fill = [x0, y0, x0 + s - 1, y0 + s - 1], COLOURS[colour]
+    draw = ImageDraw.Draw(img)
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x0 + s / 2, y0), (x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1)], fill=fill)
+    return img, f"a {colour} {shape} at the {place}"
+
+
+def caption_chat(tok: D.Tokenizer, img, caption: Optional[str], vargs):
+    """(ids, loss mask, [image tensor]) of the v13 chat with the picture in the user turn (data.py + vision.py)."""
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PROMPT}]}]
+    if caption is not None:
+        msgs.append({"role": "assistant", "content": caption})
+    return V.encode_chat(tok, msgs, vargs)
+
+
+class CaptionLoader:
+    """batch(i) -> (ids [B, T], targets [B, T]) like data.PackedLoader: rows padded to T, targets -100 off the
+    assistant tokens. train.py's loop moves token tensors only, so each batch's images wait in a FIFO that
+    the loss reads (`images_for` checks it got the images of exactly these ids)."""
+
+    def __init__(self, tok, vargs, batch_size: int, seq_len: int, seed: int):
+        self.tok, self.vargs, self.B, self.T, self.seed = tok, vargs, batch_size, seq_len, seed
+        self.pending = collections.deque()
+
+    def sample(self, k: int):
+        return shape_picture(np.random.default_rng([self.seed, k]))
+
+    def batch(self, i: int):
+        ids_BT = torch.full((self.B, self.T), self.tok.pad_id, dtype=torch.long)
+        tgt_BT = torch.full((self.B, self.T), -100, dtype=torch.long)
+        images = []
+        for b in range(self.B):
+            img, caption = self.sample(i * self.B + b)
+            ids, mask, imgs = caption_chat(self.tok, img, caption, self.vargs)
+            if len(ids) > self.T + 1:
+                raise ValueError(f"a caption chat has {len(ids)} tokens, more than seq_len {self.T} + 1")
+            n = len(ids) - 1
+            ids_BT[b, :n] = torch.tensor(ids[:-1])
+            tgt_BT[b, :n] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+            images += imgs
+        self.pending.append((ids_BT, images))
+        return ids_BT, tgt_BT
+
+    def images_for(self, ids_BT):
+        ids0, images = self.pending.popleft()
+        if not torch.equal(ids0, ids_BT.cpu()):
+            raise RuntimeError("CaptionLoader: the loss got a batch other than the next one the loader gave")
+        return [x.to(ids_BT.device) for x in images]
+
+
+class WithImages:
+    """A VisionLanguageModel bound to one batch's images, callable as model(ids, **kw) like model.Transformer,
+    so distill.py's loss functions run on it unchanged."""
+
+    def __init__(self, vlm, images):
+        self.vlm, self.images = vlm, images
+        self.lm_head = vlm.language_model.lm_head
+
+    def __call__(self, ids_BT, **kw):
+        return self.vlm(ids_BT, self.images, **kw)
+
+
+def vision_loss(loader: CaptionLoader, teacher=None, cfg: Optional[DI.DistillConfig] = None):
+    """train.py loss_fn: next-token CE on the captions (teacher None) or forward KL to the teacher, both
+    models seeing the batch's images."""
+    cfg = cfg or DI.DistillConfig()
+
+    def loss_fn(model, ids_BT, targets_BT, n_total):
+        images = loader.images_for(ids_BT)
+        if teacher is None:
+            return DI.ce_loss_fn(cfg)(WithImages(model, images), ids_BT, targets_BT, n_total)
+        return DI.kl_loss_fn(WithImages(teacher, images), cfg)(WithImages(model, images), ids_BT, targets_BT, n_total)
+    return loss_fn
+
+
+def _caption_parts(caption: str) -> tuple:
+    m = re.fullmatch(r"a (\S+) (\S+) at the (.+)", caption)
+    return m.groups() if m else ("?", "?", "?")
+
+
+@torch.no_grad()
+def caption_accuracy(vlm, tok, vargs, n: int, seed: int = 10_000, teacher=None) -> dict:
+    """Exact-match greedy captions on n held-out pictures, per-attribute accuracy, and (with a teacher) the
+    mean KL(teacher || model) on the reference caption tokens."""
+    vlm.eval()
+    hits = {"caption": 0, "colour": 0, "shape": 0, "place": 0}
+    kl_sum, kl_n = 0.0, 0
+    examples = []
+    for k in range(n):
+        img, caption = shape_picture(np.random.default_rng([seed, k]))
+        ids, _, images = caption_chat(tok, img, None, vargs)
+        out = tok.decode(V.greedy(vlm, ids, images, max_new_tokens=16, eos_id=tok.eos_id)).strip()
+        want, got = _caption_parts(caption), _caption_parts(out)
+        hits["caption"] += out == caption
+        for j, attr in enumerate(("colour", "shape", "place")):
+            hits[attr] += got[j] == want[j]
+        if len(examples) < 4:
+            examples.append({"want": caption, "got": out})
+        if teacher is not None:
+            full, mask, _ = caption_chat(tok, img, caption, vargs)
+            x = torch.tensor([full[:-1]])
+            valid = torch.tensor(mask[1:], dtype=torch.bool)
+            zs = vlm(x, images)[0, valid].float().log_softmax(-1)
+            zt = teacher(x, images)[0, valid].float().log_softmax(-1)
+            kl_sum += float((zt.exp() * (zt - zs)).sum())
+            kl_n += int(valid.sum())
+    out = {k: v / n for k, v in hits.items()} | {"n": n, "examples": examples}
+    if teacher is not None:
+        out["kl"] = kl_sum / max(kl_n, 1)
+    return out
+
+
+def _vlm_train_cfg(out_dir, steps, st, seq_len, lr, seed) -> TR.TrainConfig:
+    return TR.TrainConfig(out_dir=out_dir, steps=steps, batch_size=st["batch"], micro_batch_size=st["batch"],
+                          seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10), dtype="fp32", seed=seed,
+                          resume=True, ckpt_every=0, log_every=max(1, steps // 10), fsdp="never", export=False,
+                          weight_decay=0.0)
+
+
+def run_vision_cascade(cfg: CascadeConfig) -> dict:
+    """Parent (ViT + projector + text, trained on captions) -> per size: prune the text tower, fresh projector,
+    frozen shared ViT, KL distillation from the parent on the same images; caption accuracy of every model."""
+    if cfg.preset not in VISION_STAGES:
+        raise ValueError(f"--vision runs the embedded multimodal demo: --preset cpu or smoke, not {cfg.preset!r}")
+    if cfg.size not in REAL_SIZES:
+        raise ValueError(f"--size {cfg.size!r} is not a cascade size: choose 14b, 8b or 3b")
+    st = dict(VISION_STAGES[cfg.preset])
+    st["parent_steps"] = cfg.parent_steps or st["parent_steps"]  # --parent-steps / --short-steps override the preset
+    st["distill_steps"] = cfg.short_steps or st["distill_steps"]
+    out = os.path.join(cfg.out, "vision")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    tok = D.Tokenizer.from_file(cfg.tokenizer, vocab_size=VISION_TEXT[cfg.preset].vocab_size)
+    vargs = V.VisionArgs.preset("demo")
+    probe, _, _ = caption_chat(tok, *shape_picture(np.random.default_rng(0)), vargs)
+    seq_len = len(probe) + 8  # captions differ by a few tokens; rows are padded to this
+    log(0, f"vision demo: {seq_len}-token caption chats, {len(COLOURS) * len(SHAPES) * len(PLACES)} caption classes, "
+           f"out {out}")
+
+    # The parent: ViT, projector and text trained together on captions (it plays MS3.1).
+    vit = V.VisionTransformer(vargs)
+    vit.init_weights(cfg.seed)
+    proj = V.Projector(vargs.hidden_size, VISION_TEXT[cfg.preset].dim, vargs.spatial_merge_size)
+    proj.init_weights(cfg.seed + 1)
+    text = M.Transformer(VISION_TEXT[cfg.preset])
+    text.init_weights(cfg.seed + 2)
+    parent = V.VisionLanguageModel(vit, proj, text, freeze_vision=False)
+    train_data = CaptionLoader(tok, vargs, st["batch"], seq_len, cfg.seed)
+    TR.train(parent, train_data, vision_loss(train_data),
+             _vlm_train_cfg(os.path.join(out, "parent"), st["parent_steps"], st, seq_len, st["lr"], cfg.seed),
+             device="cpu", name="vision-parent")
+    parent.vision_tower.requires_grad_(False)  # frozen from here on, shared by every child (section 6)
+    parent.eval()
+    rows = [{"stage": "parent", "params_text": M.num_params(text.args),
+             **caption_accuracy(parent, tok, vargs, st["n_val"])}]
+    log(0, f"parent caption accuracy {rows[-1]['caption']:.3f}")
+
+    calib_data = CaptionLoader(tok, vargs, st["batch"], seq_len, cfg.seed + 7)
+    calib = [calib_data.batch(i)[0] for i in range(2)]  # tokens only (prune.py calibrates the text tower)
+    current = parent.language_model
+    names = REAL_SIZES[: REAL_SIZES.index(cfg.size) + 1]
+    for i, name in enumerate(names):
+        target = miniature(VISION_TEXT[cfg.preset], name, seq_len)
+        child_text, _ = P.prune(copy.deepcopy(current), target, calib, P.PruneConfig(seed=cfg.seed))
+        child_proj = V.Projector(vargs.hidden_size, target.dim, vargs.spatial_merge_size)
+        child_proj.init_weights(cfg.seed + 100 + i)  # a fresh projector per size
+        child = V.VisionLanguageModel(parent.vision_tower, child_proj, child_text)
+        rows.append({"stage": f"{name} pruned", "params_text": M.num_params(target),
+                     **caption_accuracy(child, tok, vargs, st["n_val"], teacher=parent)})
+        data = CaptionLoader(tok, vargs, st["batch"], seq_len, cfg.seed + 11 + i)
+        TR.train(child, data, vision_loss(data, teacher=parent),
+                 _vlm_train_cfg(os.path.join(out, name), st["distill_steps"], st, seq_len, st["distill_lr"], cfg.seed),
+                 device="cpu", name=f"vision-{name}")
+        rows.append({"stage": f"{name} distilled", "params_text": M.num_params(target),
+                     **caption_accuracy(child, tok, vargs, st["n_val"], teacher=parent)})
+        log(0, f"{name}: caption accuracy pruned {rows[-2]['caption']:.3f} -> distilled {rows[-1]['caption']:.3f}")
+        current = child.language_model  # the distilled child seeds the next size
+    result = {"rows": rows, "seconds": time.time() - t0, "preset": cfg.preset, "seed": cfg.seed,
+              "vision_args": dataclasses.asdict(vargs), "parent_text_args": dataclasses.asdict(text.args),
+              "seq_len": seq_len, "stages": st, "torch": torch.__version__}
+    TR.write_json_atomic(os.path.join(out, "results.json"), result)
+    table = ["| model | text params | caption | colour | shape | place | KL to parent |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        kl = f"{r['kl']:.3f}" if "kl" in r else "-"
+        table.append(f"| {r['stage']} | {r['params_text']:,} | {100 * r['caption']:.1f}% | {100 * r['colour']:.1f}% | "
+                     f"{100 * r['shape']:.1f}% | {100 * r['place']:.1f}% | {kl} |")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+    log(0, f"vision cascade finished in {time.time() - t0:.0f}s; results in {out}")
+    return result
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -692,9 +932,8 @@ def config_from_argv(argv=None) -> CascadeConfig:
 
 def main(argv=None):
     cfg = config_from_argv(argv)
-
     def body():
-        run_cascade(cfg)
+        run_vision_cascade(cfg) if cfg.vision else run_cascade(cfg)
         return 0
 
     # an error on one rank: printed once by that rank, every rank exits at once (train.run_main)

@@ -23,7 +23,7 @@ Deviations from the paper / reference code, and why:
  3. Files without a `special_tokens` list (v3, e.g. both files mistral-common ships) get the 20
     legacy names of PAPER.md section 7 and `<SPECIAL_i>` fillers, as mistral-common does. They have
     no `[THINK]`, so reasoning chats need a v13 file that lists it (Ministral 3's own tekken.json).
- 4. Chat: only system/user/assistant text (no tools or images). Normalisation copies mistral-common's
+ 4. Chat: system/user/assistant text, and images in user turns (no tools). Normalisation copies mistral-common's
     v13 instruct path so ids match it token for token: consecutive user (or assistant) messages are
     joined with a blank line, every system message is its own `[SYSTEM_PROMPT]` block in place, and
     a plain-text answer loses trailing spaces (a mistral-common quirk: an answer that carries
@@ -258,17 +258,26 @@ class Tokenizer:
         return b"" if i < self.n_special else self._bpe.decode_single_token_bytes(i - self.n_special)
 
     # -- chat format, tokenizer v13 (section 7) --------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def encode_chat(self, messages: list[dict], image_encoder=None) -> tuple[list[int], list[int]]:
         """`<s>[SYSTEM_PROMPT]s[/SYSTEM_PROMPT][INST]u[/INST][THINK]t[/THINK]a</s>...` and its loss mask.
 
         mask[i] = 1 where ids[i] is produced by the assistant ([THINK], the trace, [/THINK], the answer
         and its `</s>`), 0 for BOS, system and user tokens. Training on next-token targets uses
         ids[1:] with mask[1:]. A conversation ending in a user turn is a generation prompt (mask all 0).
+        A user message's content may be a list of parts, {"type": "text", "text": s} or {"type": "image",
+        "image": x}; image_encoder(x) gives the image's token ids ([IMG]/[IMG_BREAK]/[IMG_END], vision.py).
         """
         ids, mask = [self.bos_id], [0]
         for role, content, thinking in _chat_turns(messages):
             if role == "system":
                 part = [self.special_id("[SYSTEM_PROMPT]"), *self.encode(content), self.special_id("[/SYSTEM_PROMPT]")]
+            elif role == "user" and not isinstance(content, str):  # text and images, in order
+                if image_encoder is None:
+                    raise ValueError("a user message holds an image: pass image_encoder (e.g. vision.py's encode_chat)")
+                part = [self.special_id("[INST]")]
+                for p in content:
+                    part += self.encode(p) if isinstance(p, str) else list(image_encoder(p["image"]))
+                part.append(self.special_id("[/INST]"))
             elif role == "user":
                 part = [self.special_id("[INST]"), *self.encode(content), self.special_id("[/INST]")]
             elif thinking is None:
@@ -292,15 +301,23 @@ def _chat_turns(messages: list[dict]) -> list[tuple[str, str, Optional[str]]]:
         role, content, thinking = m["role"], m.get("content") or "", m.get("thinking")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message {k}: role {role!r} is not supported (system, user, assistant only)")
-        if not isinstance(content, str) or (thinking is not None and not isinstance(thinking, str)):
-            raise ValueError(f"message {k}: 'content' and 'thinking' must be strings")
+        if isinstance(content, list) and role == "user":
+            content = _user_parts(content, k)
+        if not isinstance(content, (str, list)) or (thinking is not None and not isinstance(thinking, str)):
+            raise ValueError(f"message {k}: 'content' and 'thinking' must be strings (a user message may give a "
+                             f"list of text/image parts)")
+        if isinstance(content, list) and role != "user":
+            raise ValueError(f"message {k}: only user messages may hold a list of parts (images)")
         if thinking is not None and role != "assistant":
             raise ValueError(f"message {k}: only assistant messages may carry 'thinking'")
         if turns and role == turns[-1][0] and role != "system":
             if thinking is not None or turns[-1][2] is not None:
                 raise ValueError(f"message {k}: consecutive assistant messages with 'thinking': merge them into one")
             prev = turns[-1][1]
-            turns[-1][1] = prev + "\n\n" + content if prev and content else prev or content
+            if isinstance(prev, list) or isinstance(content, list):  # coalesce text runs across messages
+                turns[-1][1] = _join_parts([prev, content])
+            else:
+                turns[-1][1] = prev + "\n\n" + content if prev and content else prev or content
         else:
             turns.append([role, content, thinking])
     first = next((t[0] for t in turns if t[0] != "system"), "user")
@@ -309,7 +326,47 @@ def _chat_turns(messages: list[dict]) -> list[tuple[str, str, Optional[str]]]:
     for role, content, thinking in turns:
         if role == "assistant" and not content and thinking is None:
             raise ValueError("an assistant message has empty content and no thinking: drop it or fill it")
+    for t in turns:  # mistral-common's force_img_first: a merged user turn [text, image] encodes as [image, text]
+        if isinstance(t[1], list) and len(t[1]) == 2 and isinstance(t[1][0], str) and isinstance(t[1][1], dict):
+            t[1] = t[1][::-1]
     return [tuple(t) for t in turns]
+
+
+def _user_parts(parts: list, k: int):
+    """A user message's [{"type": "text"|"image", ...}] as mistral-common normalises it: adjacent text joined
+    with a blank line, images kept in place. Text only gives a plain string. Returns a str or a list of
+    str / {"image": x}."""
+    out = []
+    for j, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            out.append(p["text"])
+        elif kind == "image" and p.get("image") is not None:
+            out.append({"image": p["image"]})
+        else:
+            raise ValueError(f"message {k}, part {j}: expected {{'type': 'text', 'text': str}} or "
+                             f"{{'type': 'image', 'image': ...}}, got {p!r}")
+    return _join_parts([out])
+
+
+def _join_parts(contents: list):
+    """Concatenate message contents (str or part lists), joining neighbouring non-empty text with a blank line."""
+    out, text = [], []
+    for content in contents:
+        for p in [content] if isinstance(content, str) else content:
+            if isinstance(p, str):
+                if p:
+                    text.append(p)
+            else:
+                if text:
+                    out.append("\n\n".join(text))
+                    text = []
+                out.append(p)
+    if text:
+        out.append("\n\n".join(text))
+    if all(isinstance(p, str) for p in out):
+        return "".join(out)
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -313,7 +313,8 @@ class Transformer(nn.Module):
         return (emb_BTE.cos() * a).to(dtype), (emb_BTE.sin() * a).to(dtype)
 
     def forward(self, tokens_BT, positions_BT=None, *, cache: Optional["KVCache"] = None, start: int = 0,
-                mask_BTS=None, return_hidden: bool = False, head_fn: Optional[Callable] = None):
+                mask_BTS=None, return_hidden: bool = False, head_fn: Optional[Callable] = None,
+                embeds_BTD: Optional[torch.Tensor] = None):
         """Logits [B, T, V] for tokens [B, T].
 
         positions_BT: absolute positions for RoPE and the query temperature (default start..start+T-1).
@@ -321,11 +322,12 @@ class Transformer(nn.Module):
         mask_BTS: bool attention mask, True = may attend; None = causal.
         return_hidden: return the final-norm hidden states [B, T, D] instead of logits.
         head_fn: call head_fn(hidden_BTD, lm_head.weight) and return its result instead of logits.
+        embeds_BTD: input embeddings to use instead of embed_tokens(tokens) (vision.py splices image features in).
         """
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
-        x_BTD = self.embed_tokens(tokens_BT)
+        x_BTD = self.embed_tokens(tokens_BT) if embeds_BTD is None else embeds_BTD
         cos_BTE, sin_BTE = self.rope(positions_BT, x_BTD.dtype)
         qscale_BT = query_temperature(positions_BT, self.args)
         for i, layer in enumerate(self.layers):
