@@ -932,6 +932,7 @@ def config_from_argv(argv=None) -> CascadeConfig:
 
 def main(argv=None):
     cfg = config_from_argv(argv)
+
     def body():
         run_vision_cascade(cfg) if cfg.vision else run_cascade(cfg)
         return 0
