@@ -16,7 +16,7 @@ loop is dropped. A reasoning model's `[THINK]...[/THINK]` trace is stripped befo
 The file reads top-down: the loss (`soft_dpo_loss`), the loop detector (`is_looping`), think stripping
 (`strip_think`), the PWRM (`PairwiseRewardModel`: prompt format, both-order score, temperature
 calibration, expected calibration error), honest offline preference rules for data.py's tasks
-(`rule_label`, `candidate_responses`, `preference_pairs`, `pwrm_examples`), summed response
+(`rule_label`, `candidate_responses`, `preference_pairs`, `pwrm_conversations`), summed response
 log-probs (`response_logprobs`, distill.py's fused CE per row), the online loop (`RolloutLoader` feeding
 train.py's one loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the offline demo and the CLI.
 
@@ -47,7 +47,7 @@ Deviations and choices where the paper is silent:
 Run: `python odpo.py` (the embedded demo: SFT the smallest cascade child, train and calibrate the PWRM,
 run online DPO, write benchmarks/odpo/); `python odpo.py --policy PATH --pwrm PATH --steps N` reuses
 trained models; `python odpo.py --help` lists every flag.
-Depends on: model.py, data.py, train.py, distill.py (fused_ce).
+Depends on: model.py, data.py, train.py, distill.py (fused_ce), sft.py (trains the PWRM and the SFT policy).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from collections import deque
@@ -68,9 +69,10 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import sft as S
 from distill import fused_ce
 from model import Transformer, generate
-from train import TrainConfig, configs_from_args, train, write_json_atomic
+from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
 # The loss (PAPER.md section 8)
@@ -206,15 +208,14 @@ class PairwiseRewardModel:
         ids = [t for t in strip_think(response, *self.think_ids) if t != self.tok.eos_id]
         return self.tok.decode(ids[:self.max_response_tokens])
 
-    def prompt_ids(self, conversation: list[dict], a, b) -> list[int]:
-        text = pwrm_user_text(conversation, self.response_text(a), self.response_text(b))
-        return self.tok.encode_chat([{"role": "user", "content": text}])[0]
+    def messages(self, conversation: list[dict], a, b, a_wins: Optional[bool] = None) -> list[dict]:
+        """The PWRM's chat: one user turn holding the conversation and both responses; with a_wins given,
+        the assistant's answer "A" or "B" follows (an SFT example)."""
+        msgs = [{"role": "user", "content": pwrm_user_text(conversation, self.response_text(a), self.response_text(b))}]
+        return msgs if a_wins is None else msgs + [{"role": "assistant", "content": "A" if a_wins else "B"}]
 
-    def example(self, conversation: list[dict], a, b, a_wins: bool) -> tuple[list[int], list[int]]:
-        """One SFT example (ids, loss mask): the prompt and the answer "A" or "B"."""
-        text = pwrm_user_text(conversation, self.response_text(a), self.response_text(b))
-        return self.tok.encode_chat([{"role": "user", "content": text},
-                                     {"role": "assistant", "content": "A" if a_wins else "B"}])
+    def prompt_ids(self, conversation: list[dict], a, b) -> list[int]:
+        return self.tok.encode_chat(self.messages(conversation, a, b))[0]
 
     @torch.no_grad()
     def margins(self, items: Sequence[tuple]) -> torch.Tensor:
@@ -328,12 +329,12 @@ def preference_pairs(problems: Sequence[dict], samples: Sequence[Sequence[Sequen
     return out
 
 
-def pwrm_examples(pwrm: PairwiseRewardModel, pairs: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
-    """SFT examples for the PWRM: every pair in BOTH presentation orders."""
+def pwrm_conversations(pwrm: PairwiseRewardModel, pairs: Sequence[dict]) -> list[list[dict]]:
+    """SFT chats for the PWRM: every labelled pair in BOTH presentation orders."""
     out = []
     for q in pairs:
-        out.append(pwrm.example(q["conversation"], q["a"], q["b"], q["label"] > 0.5))
-        out.append(pwrm.example(q["conversation"], q["b"], q["a"], q["label"] <= 0.5))
+        out.append(pwrm.messages(q["conversation"], q["a"], q["b"], a_wins=q["label"] > 0.5))
+        out.append(pwrm.messages(q["conversation"], q["b"], q["a"], a_wins=q["label"] <= 0.5))
     return out
 
 
@@ -538,10 +539,192 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
     accum = len(loader.stats) // max(1, len(result["history"]))
     for k, h in enumerate(result["history"]):
         ss = loader.stats[k * accum:(k + 1) * accum]
-        steps.append({**h, **{key: float(np.mean([s[key] for s in ss if key in s])) for key in
+        steps.append({**h, "step_s": train_cfg.batch_size * train_cfg.seq_len / h["tokens_per_s"], **{key: float(np.mean([s[key] for s in ss if key in s])) for key in
                               ("rollout_tok_s", "mean_length", "loop_rate", "mean_p", "reward_margin")},
                       "dropped": sum(s["dropped"] for s in ss), "rollout_s": sum(s["rollout_s"] for s in ss)})
     with open(os.path.join(train_cfg.out_dir, "odpo_steps.jsonl"), "w") as f:
         for s in steps:
             f.write(json.dumps(s) + "\n")
     return {"start": start, "evals": result["evals"], "steps": steps, "export": result["export"]}
+
+
+# -----------------------------------------------------------------------------
+# The offline demo: SFT the smallest cascade child, train + calibrate the PWRM, online DPO (deviation 6)
+
+
+@dataclass
+class ODPOTrainConfig(TrainConfig):
+    """train.py's TrainConfig with the demo's ODPO-stage defaults; out_dir is the demo's root folder."""
+    out_dir: str = dataclasses.field(default="runs/odpo", metadata={"flags": ("--out",)})  # sft/, pwrm/, odpo/ go here
+    steps: int = 60  # ODPO optimizer steps
+    batch_size: int = 16  # responses per ODPO step (two per prompt)
+    micro_batch_size: int = 16  # responses per forward (even)
+    seq_len: int = 0  # set from max_prompt_tokens + max_new_tokens
+    lr: float = 1e-4  # ODPO peak learning rate
+    warmup_steps: int = 5  # linear warmup
+    weight_decay: float = 0.0  # none: the reference anchors the policy
+    dtype: str = "fp32"  # bf16 on a GPU
+    log_every: int = 5  # progress line every N steps
+
+
+@dataclass
+class DemoConfig:
+    policy: Optional[str] = None  # an SFT-ed policy checkpoint; None = SFT `child` into OUT/sft first
+    child: Optional[str] = None  # the base model to SFT; None = the cascade's smallest child (runs/cascade)
+    pwrm: Optional[str] = None  # a trained PWRM checkpoint (its calibration.json beside); None = train OUT/pwrm
+    tokenizer: Optional[str] = None  # tekken.json; None = the checkpoint's own, else mistral-common's, truncated
+    sft_steps: int = 150  # SFT of the child on math answers (sft.py)
+    sft_lr: float = 1e-3  # SFT peak learning rate
+    pwrm_steps: int = 300  # SFT of the PWRM on labelled pairs, both orders (sft.py)
+    pwrm_lr: float = 1e-3  # PWRM peak learning rate
+    pwrm_problems: int = 192  # problems whose sampled + written answers make the PWRM's training pairs
+    calib_problems: int = 64  # held-out problems for the temperature and the ECE
+    odpo_prompts: int = 256  # prompts the online loop samples from
+    record: Optional[str] = None  # also write the results json here (benchmarks/odpo/...)
+
+
+CASCADE_CHILDREN = ("runs/cascade/3b/long/model", "runs/cascade/3b/short/model")
+
+
+def _sft_conversations(problems):
+    return [[{"role": "user", "content": q["question"]}, {"role": "assistant", "content": f"The answer is {q['answer']}."}]
+            for q in problems]
+
+
+def _stage_done(path: str) -> Optional[dict]:
+    f = os.path.join(path, "done.json")
+    return json.load(open(f)) if os.path.exists(f) else None
+
+
+@torch.no_grad()
+def sample_answers(model: Transformer, tok, problems, n: int, cfg: ODPOConfig, seed: int) -> list[list[list[int]]]:
+    """n samples at cfg.sample_temperature per problem (the PWRM's training candidates)."""
+    was = model.training
+    model.eval()
+    prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
+    out = [[] for _ in problems]
+    for k in range(n):
+        for s in range(0, len(prompts), 64):
+            rs = generate(model, prompts[s:s + 64], cfg.max_new_tokens, temperature=cfg.sample_temperature,
+                          top_p=cfg.top_p, eos_id=tok.eos_id, seed=seed * 1000 + k * 100 + s)
+            for j, r in enumerate(rs):
+                out[s + j].append(r)
+    model.train(was)
+    return out
+
+
+def _device_info(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
+    """The offline demo, stage by stage under tcfg.out_dir; finished SFT/PWRM stages are reused."""
+    t_start, cpu_start = time.time(), time.process_time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = tcfg.out_dir
+    sub = lambda name, **kw: dataclasses.replace(tcfg, out_dir=os.path.join(root, name), resume=True, **kw)
+    log = lambda msg: print(f"[odpo demo] {msg}", flush=True)
+    splits = {"sft": D.math_problems(2048, seed=10), "pwrm": D.math_problems(dcfg.pwrm_problems, seed=11),
+              "calib": D.math_problems(dcfg.calib_problems, seed=12), "odpo": D.math_problems(dcfg.odpo_prompts, seed=13),
+              "eval": D.math_problems(ocfg.eval_prompts, seed=14)}
+
+    # 1. the SFT-ed policy (Instruct = SFT then online DPO, PAPER.md section 1)
+    policy_path = dcfg.policy
+    if policy_path is None:
+        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
+        if child is None or not os.path.isdir(child):
+            raise FileNotFoundError(f"no base model to SFT: run `python cascade.py` first (it writes "
+                                    f"{CASCADE_CHILDREN[0]}) or pass --child PATH / --policy PATH")
+        policy_path = os.path.join(root, "sft", "model")
+        if _stage_done(os.path.join(root, "sft")) is None:
+            log(f"SFT {child} on {len(splits['sft'])} math answers for {dcfg.sft_steps} steps")
+            cfg = sub("sft", steps=dcfg.sft_steps, lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10),
+                      seq_len=ocfg.max_prompt_tokens, weight_decay=0.1)
+            model = build_model(child, cfg, device)
+            tok = S.load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
+            S.run_sft(model, _sft_conversations(splits["sft"]), tok, cfg, S.SFTConfig(truncate=True), device=device,
+                      name="sft")
+            write_json_atomic(os.path.join(root, "sft", "done.json"), {"child": child, "steps": dcfg.sft_steps})
+    ref_cfg = dataclasses.replace(tcfg, out_dir=os.path.join(root, "odpo"))
+    policy = build_model(policy_path, ref_cfg, device)
+    reference = build_model(policy_path, ref_cfg, device, train=False)
+    tok = S.load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
+
+    # 2. the PWRM: pairs from the SFT model's own samples + written answers, labelled by the rules
+    pwrm_path = dcfg.pwrm or os.path.join(root, "pwrm", "model")
+    calib_file = os.path.join(os.path.dirname(pwrm_path), "calibration.json")
+    if dcfg.pwrm is None and _stage_done(os.path.join(root, "pwrm")) is None:
+        log(f"PWRM pairs from {len(splits['pwrm'])} problems ({dcfg.pwrm_steps} SFT steps, both orders)")
+        samples = sample_answers(policy, tok, splits["pwrm"], 2, ocfg, seed=11)
+        pairs = preference_pairs(splits["pwrm"], samples, tok, ocfg.max_new_tokens, seed=11)
+        convs = pwrm_conversations(PairwiseRewardModel(reference, tok), pairs)  # the formatting only
+        longest = max(len(tok.encode_chat(c)[0]) for c in convs)
+        cfg = sub("pwrm", steps=dcfg.pwrm_steps, lr=dcfg.pwrm_lr, warmup_steps=max(1, dcfg.pwrm_steps // 10),
+                  seq_len=min(longest, reference.args.max_seq_len) - 1, weight_decay=0.1)
+        model = build_model(policy_path, cfg, device)  # same family: initialised from the SFT model
+        S.run_sft(model, convs, tok, cfg, S.SFTConfig(truncate=True), device=device, name="pwrm")
+        write_json_atomic(os.path.join(root, "pwrm", "done.json"),
+                          {"pairs": len(pairs), "examples": len(convs), "a_wins": sum(q["label"] for q in pairs),
+                           "looping_candidates": sum(is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens)
+                                                     for s in samples for r in s)})
+    pwrm = PairwiseRewardModel(build_model(pwrm_path, ref_cfg, device, train=False), tok)
+    if not os.path.exists(calib_file):
+        log(f"calibrating the PWRM temperature on {len(splits['calib'])} held-out problems")
+        samples = sample_answers(policy, tok, splits["calib"], 2, ocfg, seed=12)
+        pairs = preference_pairs(splits["calib"], samples, tok, ocfg.max_new_tokens, seed=12)
+        calib = pwrm.calibrate([(q["conversation"], q["a"], q["b"]) for q in pairs], [q["label"] for q in pairs])
+        write_json_atomic(calib_file, calib)
+    calib = json.load(open(calib_file))
+    pwrm.temperature = calib["temperature"]
+    log(f"PWRM calibration: {calib}")
+
+    # 3. online DPO on the SFT-ed policy, judged by the PWRM
+    prompts = [[{"role": "user", "content": q["question"]}] for q in splits["odpo"]]
+    result = run_odpo(policy, reference, pwrm, tok, prompts, ocfg, ref_cfg, device=device,
+                      eval_problems=splits["eval"])
+    final = result["evals"][-1]["eval"] if result["evals"] else None
+    sft_eval = result["start"]
+    out = {"what": "odpo.py offline demo: PWRM-judged win rate vs the SFT model, exact-answer accuracy, loop rate",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device_info(device),
+           "torch": torch.__version__, "commit": _git_commit(), "command": "python " + " ".join(sys.argv),
+           "wall_s": time.time() - t_start, "process_cpu_s": time.process_time() - cpu_start,
+           "note": "wall time on a shared machine (other jobs running): process CPU time beside it",
+           "policy": policy_path, "pwrm": pwrm_path, "calibration": calib,
+           "config": {"odpo": dataclasses.asdict(ocfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
+           "sft_model": sft_eval, "after_odpo": final, "evals": result["evals"],
+           "odpo_steps": result["steps"]}
+    write_json_atomic(os.path.join(root, "results.json"), out)
+    if dcfg.record:
+        write_json_atomic(dcfg.record, out)
+    log(f"SFT model: {sft_eval}")
+    log(f"after ODPO: {final}")
+    return out
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    tcfg, ocfg, dcfg = configs_from_args([ODPOTrainConfig, ODPOConfig, DemoConfig], argv,
+                                         description="Online DPO with a pairwise reward model (PAPER.md section 8).")
+    print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
+                      "demo": dataclasses.asdict(dcfg)}), flush=True)
+    try:
+        for flag, path in (("--policy", dcfg.policy), ("--child", dcfg.child), ("--pwrm", dcfg.pwrm)):
+            if path is not None and not os.path.isdir(path):
+                raise FileNotFoundError(f"{flag} {path!r} is not a checkpoint folder: pass the folder a training "
+                                        f"stage exported (OUT/model)")
+        run_demo(tcfg, ocfg, dcfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
