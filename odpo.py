@@ -42,7 +42,8 @@ Deviations and choices where the paper is silent:
  6. Offline demo data: the paper's preference data and its PWRM are unpublished. The demo labels pairs
     of responses to data.py's math problems with honest rules (a correct answer beats a wrong one, a
     looping answer loses, a shorter one wins among equally correct ones); the candidates are the SFT
-    model's own samples plus the reference answer and an off-by-one answer written in the same style.
+    model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, and a
+    correct sentence repeated to the length cap).
 
 Run: `python odpo.py` (the embedded demo: SFT the smallest cascade child, train and calibrate the PWRM,
 run online DPO, write benchmarks/odpo/); `python odpo.py --policy PATH --pwrm PATH --steps N` reuses
@@ -71,7 +72,7 @@ import torch.nn.functional as F
 import data as D
 import sft as S
 from distill import fused_ce
-from model import Transformer, generate
+from model import CheckpointError, Transformer, generate, load_model, resolve_model_path
 from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
@@ -283,44 +284,50 @@ def check_same_vocab(policy: Transformer, pwrm: PairwiseRewardModel, tok) -> Non
 # Honest preference rules on data.py's tasks (deviation 6)
 
 
-def rule_label(a: dict, b: dict) -> Optional[float]:
+def rule_label(a: dict, b: dict, length_rule: str = "correct") -> Optional[float]:
     """1.0 when a beats b, 0.0 when b beats a, None when the rules cannot tell (or both loop).
 
     Each response is {"correct": bool, "looping": bool, "length": int}: a looping answer loses, then a
-    correct answer beats a wrong one, then the shorter one wins among equally correct ones."""
+    correct answer beats a wrong one, then the shorter one wins among equally correct ones. length_rule
+    "correct": only two correct answers are "equally correct" (the default); "equal": two wrong ones
+    are too (the literal reading; on the demo it teaches the policy to answer nothing, see README)."""
+    if length_rule not in ("correct", "equal"):
+        raise ValueError(f"length_rule must be 'correct' or 'equal', got {length_rule!r}")
     if a["looping"] and b["looping"]:
         return None
     if a["looping"] != b["looping"]:
         return 0.0 if a["looping"] else 1.0
     if a["correct"] != b["correct"]:
         return 1.0 if a["correct"] else 0.0
-    if a["length"] != b["length"]:
+    if a["length"] != b["length"] and (a["correct"] or length_rule == "equal"):
         return 1.0 if a["length"] < b["length"] else 0.0
     return None
 
 
 def candidate_responses(problem: dict, samples: Sequence[Sequence[int]], tok, max_new_tokens: int) -> list[dict]:
-    """The policy's own samples plus two written answers (the reference and an off-by-one), each with the
-    facts rule_label reads."""
-    written = [f"The answer is {problem['answer']}.", f"The answer is {int(problem['answer']) + 1}."]
+    """The policy's own samples plus four written answers (correct and short, off by one, correct but
+    wordy, and a correct sentence repeated up to the length cap), each with the facts rule_label reads."""
+    ans, wrong = problem["answer"], str(int(problem["answer"]) + 1)
+    written = [tok.encode(t) + [tok.eos_id] for t in
+               (f"The answer is {ans}.", f"The answer is {wrong}.", f"Let me work it out step by step. The answer is {ans}.")]
+    written.append((tok.encode(f"The answer is {ans}. ") * max_new_tokens)[:max_new_tokens])  # no EOS: cut at the cap
     out = []
-    for ids in [list(s) for s in samples] + [tok.encode(t) + [tok.eos_id] for t in written]:
-        text = tok.decode(ids)
-        out.append({"ids": ids, "correct": D.check_math_answer(text, problem["answer"]),
+    for ids in [list(s) for s in samples] + written:
+        out.append({"ids": ids, "correct": D.check_math_answer(tok.decode(ids), ans),
                     "looping": is_looping(ids, eos_id=tok.eos_id, max_new_tokens=max_new_tokens),
                     "length": len(ids)})
     return out
 
 
 def preference_pairs(problems: Sequence[dict], samples: Sequence[Sequence[Sequence[int]]], tok, max_new_tokens: int,
-                     pairs_per_problem: int = 4, seed: int = 0) -> list[dict]:
+                     pairs_per_problem: int = 4, seed: int = 0, length_rule: str = "correct") -> list[dict]:
     """Labelled pairs {conversation, a, b, label} (label 1.0 = a wins), A/B positions shuffled."""
     rng = random.Random(seed)
     out = []
     for prob, smp in zip(problems, samples):
         conv = [{"role": "user", "content": prob["question"]}]
         cands = candidate_responses(prob, smp, tok, max_new_tokens)
-        decided = [(i, j, rule_label(cands[i], cands[j])) for i in range(len(cands)) for j in range(i + 1, len(cands))]
+        decided = [(i, j, rule_label(cands[i], cands[j], length_rule)) for i in range(len(cands)) for j in range(i + 1, len(cands))]
         decided = [d for d in decided if d[2] is not None]
         for i, j, lab in rng.sample(decided, min(pairs_per_problem, len(decided))):
             if rng.random() < 0.5:
@@ -500,7 +507,9 @@ def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems
     acc = lambda rs: float(np.mean([D.check_math_answer(tok.decode(r), q["answer"]) for r, q in zip(rs, problems)]))
     out = {"accuracy_greedy": acc(greedy), "accuracy_sampled": acc(sampled), "loop_rate_greedy": loops(greedy),
            "loop_rate_sampled": loops(sampled), "mean_length_greedy": float(np.mean([len(r) for r in greedy])),
-           "mean_length_sampled": float(np.mean([len(r) for r in sampled])), "samples": sampled}
+           "mean_length_sampled": float(np.mean([len(r) for r in sampled])),
+           "empty_rate_greedy": float(np.mean([not [t for t in r if t != tok.eos_id] for r in greedy])),
+           "samples": sampled}
     if start_samples is not None:
         convs = [[{"role": "user", "content": q["question"]}] for q in problems]
         p, keep = judge_pairs(pwrm, tok, cfg, convs, sampled, start_samples)
@@ -560,7 +569,7 @@ class ODPOTrainConfig(TrainConfig):
     batch_size: int = 16  # responses per ODPO step (two per prompt)
     micro_batch_size: int = 16  # responses per forward (even)
     seq_len: int = 0  # set from max_prompt_tokens + max_new_tokens
-    lr: float = 1e-4  # ODPO peak learning rate
+    lr: float = 1e-3  # ODPO peak learning rate
     warmup_steps: int = 5  # linear warmup
     weight_decay: float = 0.0  # none: the reference anchors the policy
     dtype: str = "fp32"  # bf16 on a GPU
@@ -573,17 +582,20 @@ class DemoConfig:
     child: Optional[str] = None  # the base model to SFT; None = the cascade's smallest child (runs/cascade)
     pwrm: Optional[str] = None  # a trained PWRM checkpoint (its calibration.json beside); None = train OUT/pwrm
     tokenizer: Optional[str] = None  # tekken.json; None = the checkpoint's own, else mistral-common's, truncated
-    sft_steps: int = 150  # SFT of the child on math answers (sft.py)
+    sft_steps: int = 40  # SFT of the child on math answers (sft.py); short: the SFT model still rambles and loops
     sft_lr: float = 1e-3  # SFT peak learning rate
     pwrm_steps: int = 300  # SFT of the PWRM on labelled pairs, both orders (sft.py)
     pwrm_lr: float = 1e-3  # PWRM peak learning rate
     pwrm_problems: int = 192  # problems whose sampled + written answers make the PWRM's training pairs
     calib_problems: int = 64  # held-out problems for the temperature and the ECE
     odpo_prompts: int = 256  # prompts the online loop samples from
+    length_rule: str = "correct"  # shorter wins among two correct answers ("correct") or also two wrong ones ("equal")
     record: Optional[str] = None  # also write the results json here (benchmarks/odpo/...)
 
 
-CASCADE_CHILDREN = ("runs/cascade/3b/long/model", "runs/cascade/3b/short/model")
+# The smallest child; the short-context one first: it is the one Algorithm 1 carries on, and its context
+# (the parent's) holds the PWRM's prompts, where a small demo's long stage may end at a few hundred tokens.
+CASCADE_CHILDREN = ("runs/cascade/3b/short/model", "runs/cascade/3b/long/model")
 
 
 def _sft_conversations(problems):
@@ -613,6 +625,33 @@ def sample_answers(model: Transformer, tok, problems, n: int, cfg: ODPOConfig, s
     return out
 
 
+def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Transformer:
+    """A checkpoint folder through train.build_model, or a .gguf file / fetchable name ("smollm2")
+    through model.load_model (world size 1)."""
+    if os.path.isdir(path):
+        return build_model(path, cfg, device, train=train)
+    model = load_model(path, device=device)
+    if not train:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int):
+    """--tokenizer, else the one a .gguf or checkpoint folder carries, else the shipped Tekken truncated to
+    the model's vocabulary (data.py deviation 2)."""
+    if path is None and not os.path.isdir(model_path):
+        path = resolve_model_path(model_path)  # a GGUF file holds its tokenizer
+    if path is None:
+        return S.load_tokenizer(None, model_path, vocab_size)
+    return D.Tokenizer.from_file(path, vocab_size=None if str(path).endswith(".gguf") else vocab_size)
+
+
+def fitting(problems: Sequence[dict], tok, max_prompt_tokens: int) -> list[dict]:
+    """The problems whose chat prompt fits max_prompt_tokens (the rest are left out, and counted)."""
+    return [q for q in problems
+            if len(tok.encode_chat([{"role": "user", "content": q["question"]}])[0]) <= max_prompt_tokens]
+
+
 def _device_info(device) -> str:
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
@@ -639,39 +678,41 @@ def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
         if _stage_done(os.path.join(root, "sft")) is None:
             log(f"SFT {child} on {len(splits['sft'])} math answers for {dcfg.sft_steps} steps")
             cfg = sub("sft", steps=dcfg.sft_steps, lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10),
-                      seq_len=ocfg.max_prompt_tokens, weight_decay=0.1)
-            model = build_model(child, cfg, device)
-            tok = S.load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
+                      seq_len=ocfg.max_prompt_tokens + 16, weight_decay=0.1)
+            model = load_policy(child, cfg, device)
+            tok = load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
             S.run_sft(model, _sft_conversations(splits["sft"]), tok, cfg, S.SFTConfig(truncate=True), device=device,
                       name="sft")
             write_json_atomic(os.path.join(root, "sft", "done.json"), {"child": child, "steps": dcfg.sft_steps})
     ref_cfg = dataclasses.replace(tcfg, out_dir=os.path.join(root, "odpo"))
-    policy = build_model(policy_path, ref_cfg, device)
-    reference = build_model(policy_path, ref_cfg, device, train=False)
-    tok = S.load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
+    policy = load_policy(policy_path, ref_cfg, device)
+    reference = load_policy(policy_path, ref_cfg, device, train=False)
+    tok = load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
+    for name in ("pwrm", "calib", "odpo", "eval"):  # prompts must fit max_prompt_tokens
+        splits[name] = fitting(splits[name], tok, ocfg.max_prompt_tokens)
 
     # 2. the PWRM: pairs from the SFT model's own samples + written answers, labelled by the rules
     pwrm_path = dcfg.pwrm or os.path.join(root, "pwrm", "model")
-    calib_file = os.path.join(os.path.dirname(pwrm_path), "calibration.json")
+    calib_file = os.path.join(root, "pwrm_calibration.json")
     if dcfg.pwrm is None and _stage_done(os.path.join(root, "pwrm")) is None:
         log(f"PWRM pairs from {len(splits['pwrm'])} problems ({dcfg.pwrm_steps} SFT steps, both orders)")
         samples = sample_answers(policy, tok, splits["pwrm"], 2, ocfg, seed=11)
-        pairs = preference_pairs(splits["pwrm"], samples, tok, ocfg.max_new_tokens, seed=11)
+        pairs = preference_pairs(splits["pwrm"], samples, tok, ocfg.max_new_tokens, seed=11, length_rule=dcfg.length_rule)
         convs = pwrm_conversations(PairwiseRewardModel(reference, tok), pairs)  # the formatting only
         longest = max(len(tok.encode_chat(c)[0]) for c in convs)
         cfg = sub("pwrm", steps=dcfg.pwrm_steps, lr=dcfg.pwrm_lr, warmup_steps=max(1, dcfg.pwrm_steps // 10),
                   seq_len=min(longest, reference.args.max_seq_len) - 1, weight_decay=0.1)
-        model = build_model(policy_path, cfg, device)  # same family: initialised from the SFT model
+        model = load_policy(policy_path, cfg, device)  # same family: initialised from the SFT model
         S.run_sft(model, convs, tok, cfg, S.SFTConfig(truncate=True), device=device, name="pwrm")
         write_json_atomic(os.path.join(root, "pwrm", "done.json"),
                           {"pairs": len(pairs), "examples": len(convs), "a_wins": sum(q["label"] for q in pairs),
                            "looping_candidates": sum(is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens)
                                                      for s in samples for r in s)})
-    pwrm = PairwiseRewardModel(build_model(pwrm_path, ref_cfg, device, train=False), tok)
+    pwrm = PairwiseRewardModel(load_policy(pwrm_path, ref_cfg, device, train=False), tok)
     if not os.path.exists(calib_file):
         log(f"calibrating the PWRM temperature on {len(splits['calib'])} held-out problems")
         samples = sample_answers(policy, tok, splits["calib"], 2, ocfg, seed=12)
-        pairs = preference_pairs(splits["calib"], samples, tok, ocfg.max_new_tokens, seed=12)
+        pairs = preference_pairs(splits["calib"], samples, tok, ocfg.max_new_tokens, seed=12, length_rule=dcfg.length_rule)
         calib = pwrm.calibrate([(q["conversation"], q["a"], q["b"]) for q in pairs], [q["label"] for q in pairs])
         write_json_atomic(calib_file, calib)
     calib = json.load(open(calib_file))
@@ -690,6 +731,7 @@ def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
            "wall_s": time.time() - t_start, "process_cpu_s": time.process_time() - cpu_start,
            "note": "wall time on a shared machine (other jobs running): process CPU time beside it",
            "policy": policy_path, "pwrm": pwrm_path, "calibration": calib,
+           "problems_used": {k: len(v) for k, v in splits.items()},
            "config": {"odpo": dataclasses.asdict(ocfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
            "sft_model": sft_eval, "after_odpo": final, "evals": result["evals"],
            "odpo_steps": result["steps"]}
@@ -716,11 +758,11 @@ def main(argv=None) -> int:
                       "demo": dataclasses.asdict(dcfg)}), flush=True)
     try:
         for flag, path in (("--policy", dcfg.policy), ("--child", dcfg.child), ("--pwrm", dcfg.pwrm)):
-            if path is not None and not os.path.isdir(path):
-                raise FileNotFoundError(f"{flag} {path!r} is not a checkpoint folder: pass the folder a training "
-                                        f"stage exported (OUT/model)")
+            if path is not None and not os.path.exists(resolve_model_path(path)):
+                raise FileNotFoundError(f"{flag} {path!r} is neither a checkpoint folder nor a .gguf file: pass the "
+                                        f"folder a training stage exported (OUT/model) or a fetched model's name")
         run_demo(tcfg, ocfg, dcfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -196,6 +196,9 @@ def test_rule_labels():
     assert O.rule_label(dict(good, looping=True), dict(good, correct=False)) == 0.0  # a loop loses
     assert O.rule_label(good, dict(good, length=9)) == 1.0  # shorter among equally correct
     assert O.rule_label(good, dict(good)) is None
+    wrong = dict(good, correct=False)
+    assert O.rule_label(wrong, dict(wrong, length=9)) is None  # two wrong answers: length does not decide
+    assert O.rule_label(wrong, dict(wrong, length=9), length_rule="equal") == 1.0  # ... unless asked to
     assert O.rule_label(dict(good, looping=True), dict(good, looping=True)) is None
 
 
