@@ -43,7 +43,7 @@ Deviations and choices where the paper is silent:
     of responses to data.py's math problems with honest rules (a correct answer beats a wrong one, a
     looping answer loses, a shorter one wins among equally correct ones); the candidates are the SFT
     model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, and a
-    correct sentence repeated to the length cap).
+    correct sentence repeated to the length cap, the empty answer).
 
 Run: `python odpo.py` (the embedded demo: SFT the smallest cascade child, train and calibrate the PWRM,
 run online DPO, write benchmarks/odpo/); `python odpo.py --policy PATH --pwrm PATH --steps N` reuses
@@ -305,12 +305,14 @@ def rule_label(a: dict, b: dict, length_rule: str = "correct") -> Optional[float
 
 
 def candidate_responses(problem: dict, samples: Sequence[Sequence[int]], tok, max_new_tokens: int) -> list[dict]:
-    """The policy's own samples plus four written answers (correct and short, off by one, correct but
-    wordy, and a correct sentence repeated up to the length cap), each with the facts rule_label reads."""
+    """The policy's own samples plus five written answers (correct and short, off by one, correct but
+    wordy, a correct sentence repeated up to the length cap, and the empty answer, which is wrong: it has
+    no number), each with the facts rule_label reads."""
     ans, wrong = problem["answer"], str(int(problem["answer"]) + 1)
     written = [tok.encode(t) + [tok.eos_id] for t in
                (f"The answer is {ans}.", f"The answer is {wrong}.", f"Let me work it out step by step. The answer is {ans}.")]
     written.append((tok.encode(f"The answer is {ans}. ") * max_new_tokens)[:max_new_tokens])  # no EOS: cut at the cap
+    written.append([tok.eos_id])
     out = []
     for ids in [list(s) for s in samples] + written:
         out.append({"ids": ids, "correct": D.check_math_answer(tok.decode(ids), ans),
@@ -582,7 +584,7 @@ class DemoConfig:
     child: Optional[str] = None  # the base model to SFT; None = the cascade's smallest child (runs/cascade)
     pwrm: Optional[str] = None  # a trained PWRM checkpoint (its calibration.json beside); None = train OUT/pwrm
     tokenizer: Optional[str] = None  # tekken.json; None = the checkpoint's own, else mistral-common's, truncated
-    sft_steps: int = 40  # SFT of the child on math answers (sft.py); short: the SFT model still rambles and loops
+    sft_steps: int = 10  # SFT of the child on math answers (sft.py); short, so the SFT model still rambles and loops
     sft_lr: float = 1e-3  # SFT peak learning rate
     pwrm_steps: int = 300  # SFT of the PWRM on labelled pairs, both orders (sft.py)
     pwrm_lr: float = 1e-3  # PWRM peak learning rate
