@@ -511,6 +511,8 @@ def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems
            "loop_rate_sampled": loops(sampled), "mean_length_greedy": float(np.mean([len(r) for r in greedy])),
            "mean_length_sampled": float(np.mean([len(r) for r in sampled])),
            "empty_rate_greedy": float(np.mean([not [t for t in r if t != tok.eos_id] for r in greedy])),
+           "greedy_examples": [{"question": q["question"], "answer": q["answer"], "output": tok.decode(r)}
+                               for q, r in zip(problems[:4], greedy[:4])],
            "samples": sampled}
     if start_samples is not None:
         convs = [[{"role": "user", "content": q["question"]}] for q in problems]
@@ -571,7 +573,7 @@ class ODPOTrainConfig(TrainConfig):
     batch_size: int = 16  # responses per ODPO step (two per prompt)
     micro_batch_size: int = 16  # responses per forward (even)
     seq_len: int = 0  # set from max_prompt_tokens + max_new_tokens
-    lr: float = 1e-3  # ODPO peak learning rate
+    lr: float = 1e-4  # ODPO peak learning rate (1e-3 collapses the demo policy to empty answers: README)
     warmup_steps: int = 5  # linear warmup
     weight_decay: float = 0.0  # none: the reference anchors the policy
     dtype: str = "fp32"  # bf16 on a GPU
