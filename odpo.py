@@ -662,7 +662,7 @@ def _device_info(device) -> str:
 
 def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
     """The offline demo, stage by stage under tcfg.out_dir; finished SFT/PWRM stages are reused."""
-    t_start, cpu_start = time.time(), time.process_time()
+    t_start, cpu_start, commit = time.time(), time.process_time(), _git_commit()  # the code that runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = tcfg.out_dir
     sub = lambda name, **kw: dataclasses.replace(tcfg, out_dir=os.path.join(root, name), resume=True, **kw)
@@ -731,7 +731,7 @@ def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
     sft_eval = result["start"]
     out = {"what": "odpo.py offline demo: PWRM-judged win rate vs the SFT model, exact-answer accuracy, loop rate",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device_info(device),
-           "torch": torch.__version__, "commit": _git_commit(), "command": "python " + " ".join(sys.argv),
+           "torch": torch.__version__, "commit": commit, "command": "python " + " ".join(sys.argv),
            "wall_s": time.time() - t_start, "process_cpu_s": time.process_time() - cpu_start,
            "note": "wall time on a shared machine (other jobs running): process CPU time beside it",
            "policy": policy_path, "pwrm": pwrm_path, "calibration": calib,
