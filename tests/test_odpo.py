@@ -287,3 +287,10 @@ def test_bad_input(tok, one_thread):
         O.RolloutLoader(other, other, pwrm, tok, [CONV], O.ODPOConfig(max_new_tokens=8, max_prompt_tokens=32), 2)
     with pytest.raises(ValueError, match="two responses per prompt"):
         O.RolloutLoader(policy, policy, pwrm, tok, [CONV], O.ODPOConfig(max_new_tokens=8, max_prompt_tokens=32), 3)
+
+
+def test_cli_bad_path_is_one_clear_error_line(tmp_path, capsys):
+    rc = O.main(["--out", str(tmp_path / "o"), "--policy", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --policy") and "checkpoint folder" in err[0]
+    assert not (tmp_path / "o").exists()  # nothing written
