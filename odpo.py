@@ -41,13 +41,17 @@ Deviations and choices where the paper is silent:
     are the two responses to one prompt; prompt and padding targets are -100.
  6. Offline demo data: the paper's preference data and its PWRM are unpublished. The demo labels pairs
     of responses to data.py's math problems with honest rules (a correct answer beats a wrong one, a
-    looping answer loses, a shorter one wins among equally correct ones); the candidates are the SFT
-    model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, and a
-    correct sentence repeated to the length cap, the empty answer).
+    looping answer loses, a shorter one wins among equally correct ones, read as "two correct ones";
+    `--length-rule equal` lets length decide between two wrong ones too); the candidates are the SFT
+    model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, a
+    correct sentence repeated to the length cap, the empty answer). The PWRM starts from the SFT model.
+    For the real model (SmolLM2-135M-Instruct) the demo can use the instruct model itself as a zero-shot
+    PWRM (`--pwrm smollm2`): no PWRM training, only the temperature is fitted.
 
-Run: `python odpo.py` (the embedded demo: SFT the smallest cascade child, train and calibrate the PWRM,
-run online DPO, write benchmarks/odpo/); `python odpo.py --policy PATH --pwrm PATH --steps N` reuses
-trained models; `python odpo.py --help` lists every flag.
+Run: `python odpo.py` (the embedded demo, after `python cascade.py`: SFT the smallest cascade child, train
+and calibrate the PWRM, run online DPO; results in OUT/results.json, `--record FILE` copies them);
+`python odpo.py --policy PATH --pwrm PATH --steps N` reuses trained models (a folder, a .gguf file, or
+`smollm2`); `python odpo.py --help` lists every flag.
 Depends on: model.py, data.py, train.py, distill.py (fused_ce), sft.py (trains the PWRM and the SFT policy).
 """
 
@@ -442,10 +446,10 @@ class RolloutLoader:
         n = self.B // 2
         idx = [(i * n + j) % len(self.prompts) for j in range(n)]
         prompts = [self.prompt_ids[k] for k in idx for _ in range(2)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         samples = generate(self.policy, prompts, self.cfg.max_new_tokens, temperature=self.cfg.sample_temperature,
                            top_p=self.cfg.top_p, eos_id=self.tok.eos_id, seed=self.seed * 1_000_003 + i)
-        t_gen = time.perf_counter() - t0
+        t_gen, c_gen = time.perf_counter() - t0, time.process_time() - c0
         if any(len(s) == 0 for s in samples):
             raise ValueError("the policy produced an empty generation: max_new_tokens must be >= 1")
         convs = [self.prompts[k] for k in idx]
@@ -466,7 +470,8 @@ class RolloutLoader:
         looping = [is_looping(s, eos_id=self.tok.eos_id, max_new_tokens=self.cfg.max_new_tokens) for s in samples]
         self.queue.append({"inputs": inputs, "p": torch.tensor(p), "keep": torch.tensor(keep, dtype=torch.float32),
                            "ref": ref})
-        self.stats.append({"micro_batch": i, "rollout_s": t_gen, "new_tokens": sum(len(s) for s in samples),
+        self.stats.append({"micro_batch": i, "rollout_s": t_gen, "rollout_cpu_s": c_gen, "cpu_clock": c0,
+                           "new_tokens": sum(len(s) for s in samples),
                            "rollout_tok_s": sum(len(s) for s in samples) / max(t_gen, 1e-9),
                            "mean_length": float(np.mean([len(s) for s in samples])),
                            "loop_rate": float(np.mean(looping)), "dropped": int(sum(not k for k in keep)),
@@ -558,7 +563,8 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
     with open(os.path.join(train_cfg.out_dir, "odpo_steps.jsonl"), "w") as f:
         for s in steps:
             f.write(json.dumps(s) + "\n")
-    return {"start": start, "evals": result["evals"], "steps": steps, "export": result["export"]}
+    return {"start": start, "evals": result["evals"], "steps": steps, "export": result["export"],
+            "rollout_stats": loader.stats}
 
 
 # -----------------------------------------------------------------------------

@@ -76,6 +76,11 @@ def run(device: str = "cpu", steps: int = 4, warmup: int = 1) -> dict:
         out = O.run_odpo(policy, reference, pwrm, tok, prompts, cfg, tcfg, device=device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     timed = out["steps"][warmup:]
+    # process CPU seconds per step: between the starts of consecutive rollouts (one micro-batch per step)
+    clocks = [s["cpu_clock"] for s in loader_stats(out)] + [c0 + cpu]
+    cpu_step = sorted(b - a for a, b in zip(clocks[warmup:-1], clocks[warmup + 1:]))
+    cpu_roll = sorted(s["rollout_cpu_s"] for s in loader_stats(out)[warmup:])
+    new_tok = [s["new_tokens"] for s in loader_stats(out)[warmup:]]
     step_s = sorted(s["step_s"] for s in timed)
     roll_s = sorted(s["rollout_s"] for s in timed)
     tok_s = sorted(s["rollout_tok_s"] for s in timed)
@@ -85,10 +90,16 @@ def run(device: str = "cpu", steps: int = 4, warmup: int = 1) -> dict:
     med = lambda xs: xs[len(xs) // 2]
     return {"shape": shape, "rows": rows, "params": M.num_params(args), "steps_timed": len(timed),
             "step_s_median": med(step_s), "rollout_s_median": med(roll_s), "rollout_tok_s_median": med(tok_s),
-            "rollout_share": med(roll_s) / med(step_s), "mean_length": sum(s["mean_length"] for s in timed) / len(timed),
+            "rollout_share": med(roll_s) / med(step_s),
+            "step_cpu_s_median": med(cpu_step), "rollout_cpu_s_median": med(cpu_roll),
+            "rollout_tok_per_cpu_s": sum(new_tok) / sum(cpu_roll), "mean_length": sum(s["mean_length"] for s in timed) / len(timed),
             "rollout_floor_tok_s": floor_tok_s,
             "rollout_vs_floor": med(tok_s) / floor_tok_s if floor_tok_s else None,
             "wall_s": wall, "process_cpu_s": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def loader_stats(out: dict) -> list:
+    return out["rollout_stats"]
 
 
 def env(device: str, command: str) -> dict:
@@ -112,9 +123,9 @@ def main(argv=None):
            "odpo": run(a.device, a.steps)}
     r = res["odpo"]
     floor = r["rollout_floor_tok_s"]
-    print(f"| rows | new tokens | rollout tok/s | rollout s | step s | rollout share | floor tok/s |\n|---|---|---|---|---|---|---|\n"
+    print(f"| rows | new tokens | rollout tok/s | rollout s | step s | step CPU s | rollout tok per CPU s | rollout share | floor tok/s |\n|---|---|---|---|---|---|---|---|---|\n"
           f"| {r['rows']} | {r['shape']['new']} | {r['rollout_tok_s_median']:,.0f} | {r['rollout_s_median']:.2f} | "
-          f"{r['step_s_median']:.2f} | {100 * r['rollout_share']:.0f}% | "
+          f"{r['step_s_median']:.2f} | {r['step_cpu_s_median']:.2f} | {r['rollout_tok_per_cpu_s']:,.0f} | {100 * r['rollout_share']:.0f}% | "
           f"{'n/a' if floor is None else f'{floor:,.0f}'} |")
     print(json.dumps(res))
     if a.record:
