@@ -259,3 +259,33 @@ def test_chat_mode_talks_to_a_checkpoint(tok, tmp_path):
     text = out.getvalue()
     assert text.count("model> ") == 2 and "you> " in text
     assert S.main(["--chat", str(tmp_path / "missing")]) == 1
+
+
+def test_math_traces_are_correct_worked_steps():
+    for it in D.math_problems(300, seed=5):
+        trace = S.math_trace(it["question"], it["answer"])
+        assert D.check_math_answer(trace, it["answer"])  # the trace's last number is the answer
+    with pytest.raises(ValueError, match="gives 13, the answer is 12"):
+        S.math_trace("What is 6 + 7?", "12")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_tiny_checkpoints(tmp_path):
+    """The demo's whole path (parent SFT, child plain and KL SFT, every measure, the table) on two tiny
+    random checkpoints; a rerun reuses the finished stages."""
+    parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
+    M.save_model(make(dataclasses.replace(TINY, dim=96, n_layers=3, hidden_dim=192)), parent)
+    M.save_model(make(), child)
+    argv = ["--demo", "--parent", parent, "--child", child, "--demo-out", str(tmp_path / "out"), "--demo-steps", "3",
+            "--demo-batch", "4", "--demo-math", "12", "--demo-qa", "4", "--demo-held-math", "4", "--demo-held-qa", "2",
+            "--demo-seq-len", "160"]
+    assert S.main(argv) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = list(res["models"])
+    assert len(names) == 5 and "KL" in names[-1]
+    for m in res["models"].values():
+        assert m["math"]["n"] == 4 and m["qa"]["n"] == 2 and m["held_out_ce"] > 0
+    assert res["models"][names[-1]]["train"]["teacher"] and not res["models"][names[-2]]["train"]["teacher"]
+    assert (tmp_path / "out" / "table.md").read_text().count("\n") == 7
+    assert S.main(argv) == 0  # finished stages are reused
+
