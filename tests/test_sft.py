@@ -65,6 +65,21 @@ def test_chat_mask_covers_exactly_the_assistant_tokens(tok):
     assert stats["assistant_targets"] == int(valid.sum())
 
 
+def test_chat_loader_ranks_split_the_single_process_rows(tok):
+    examples, _ = S.encode_conversations(CHATS * 5, tok, 64)
+    one = S.ChatLoader(examples, 4, 63, tok.pad_id, seed=3)
+    ranks = [S.ChatLoader(examples, 2, 63, tok.pad_id, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for i in range(4):  # global row k = (i * world + rank) * B + j is the same row in both layouts
+        x1, y1 = one.batch(i)
+        x2 = torch.cat([ranks[0].batch(2 * i)[0], ranks[1].batch(2 * i)[0], ranks[0].batch(2 * i + 1)[0],
+                        ranks[1].batch(2 * i + 1)[0]])
+        assert torch.equal(torch.cat([one.batch(2 * i)[0], one.batch(2 * i + 1)[0]]), x2)
+        assert x1.shape == y1.shape == (4, 63)
+    # an epoch reads every example once: rows 0..9 are a permutation of the 10 examples
+    perm = one._perm(0)
+    assert sorted(perm.tolist()) == list(range(10))
+
+
 def _masked_reference(student, teacher, ids, mask, temperature):
     x, y = S.shift(ids, mask)
     valid = (y != -100).flatten()
@@ -87,6 +102,23 @@ def test_sft_loss_equals_the_masked_equation(tok, with_teacher):
     # averaged over the assistant targets: the same chats with twice the padding give the same loss
     ids2, mask2 = S.chat_batch(S.encode_conversations(CHATS, tok, 200)[0], tok.pad_id, ids.shape[1] + 9)
     torch.testing.assert_close(S.sft_loss(student, ids2, mask2, teacher, temperature=2.0), got, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_in_bf16_autocast_stays_close_to_fp32(tok):
+    """bf16 autocast (train.py's unsharded bf16): loss within 2% and gradients pointing the same way."""
+    student, teacher = make(), make(dataclasses.replace(TINY, dim=96), seed=1)
+    ids, mask = S.chat_batch(S.encode_conversations(CHATS, tok, 200)[0], tok.pad_id)
+    for t in (None, teacher):
+        grads = []
+        for amp in (False, True):
+            student.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = S.sft_loss(student, ids, mask, t)
+            loss.backward()
+            grads.append((float(loss.detach()), torch.cat([p.grad.flatten() for p in student.parameters()])))
+        (ref, g32), (got, g16) = grads
+        assert abs(got - ref) <= 0.02 * abs(ref) + 1e-3
+        assert F.cosine_similarity(g32, g16, dim=0) > 0.99
 
 
 def test_kl_sft_gradient_touches_only_masked_positions(tok):
