@@ -21,8 +21,11 @@ are trained by SFT):
     SFTConfig (dataclass), ChatLoader(examples, batch_size, seq_len, pad_id, seed, rank, world_size)
     run_sft(student, conversations, tok, train_cfg, sft_cfg, teacher=None, *, device, eval_fn=None,
             name="sft") -> dict   (train.train's result dict, plus "data": the encoding stats)
-    read_conversations(path, on_bad_line="stop") -> (conversations, bad_lines)
-    answer_eval(model, tok, items, check, max_new_tokens, batch_size=32) -> dict (accuracy, loop rate)
+    read_conversations(path, on_bad_line="stop", tok=None) -> (conversations, [(line number, reason)])
+    answer_eval(model, tok, items, check=exact_match, max_new_tokens=64, batch_size=32, loop_min_tokens=64)
+        -> {accuracy, endless_rate, loop_rate, mean_new_tokens, samples}   (model.generate, greedy)
+    eval_loss(model, examples, pad_id, teacher=None) -> float;  loop_period(tokens, min_tokens=64) -> P or None
+    FP8: quantize_e4m3(x) -> (x_fp8, inv_scale), fp8_linear_reference, FP8Linear, convert_to_fp8(model, device)
 
 Sections: config, data (jsonl, encoding, batching, the loader), the loss, the training entry point,
 FP8 linears, evaluation by generation, the demo, the command line (train, demo, --chat).
@@ -44,12 +47,13 @@ Deviations from the paper / choices where it is silent:
  5. Vision (ViT frozen, projector trained) is not done here: vision.py is another issue.
  6. Loop / endless-generation detection (PAPER.md section 8, ours): a response that hits the token
     cap without `</s>` is "endless"; one whose tail repeats a period of P <= 32 tokens at least 4 times
-    over at least `loop_min_tokens` tokens is "looping" (64 in the paper text; the demo's short answers
-    use 24 so that it can fire at all).
+    over at least `loop_min_tokens` tokens is "looping" (64 in PAPER.md; the demo caps answers at 64
+    tokens, so it uses 24 there, or no loop could ever be seen).
 
 Run: `python sft.py --data chats.jsonl --student CKPT [--teacher CKPT] --out DIR` (SFT, KL when a
-teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first);
-`python sft.py --chat CKPT` (talk to a checkpoint). `python -m pytest tests/test_sft.py -q`.
+teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first; with
+`--parent X.gguf` the real SmolLM2 parent, plain SFT only); `python sft.py --chat CKPT` (talk to a
+checkpoint). `python -m pytest tests/test_sft.py -q`; `python benchmarks/sft_bench.py` (bf16 vs FP8 step).
 Depends on: model.py, data.py, distill.py, train.py.
 """
 
@@ -713,7 +717,8 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
     results = {"config": {"run": dataclasses.asdict(run), "sft": dataclasses.asdict(scfg), "parent": parent_dir,
                           "child": child_dir, "train_conversations": len(items["train"]),
                           "qa_left_out_long": items["qa_left_out_long"], "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "loop_min_tokens": 24, "max_new_tokens": run.demo_new_tokens},
                "models": {}}
 
     def stage(name, init_dir, teacher_model, lr):
