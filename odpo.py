@@ -47,6 +47,11 @@ Deviations and choices where the paper is silent:
     correct sentence repeated to the length cap, the empty answer). The PWRM starts from the SFT model.
     For the real model (SmolLM2-135M-Instruct) the demo can use the instruct model itself as a zero-shot
     PWRM (`--pwrm smollm2`): no PWRM training, only the temperature is fitted.
+ 7. World size 1 only (run_odpo refuses more). With FSDP every rank must call the sharded models the same
+    number of times, but generation stops when a rank's rows have all ended and the PWRM is asked only
+    about pairs without a loop, so ranks would fall out of step. Multi-GPU needs fixed-length rollouts
+    and padded PWRM batches (or the rollout engine of generate.py); not done. The loader already gives
+    each rank its own prompts.
 
 Run: `python odpo.py` (the embedded demo, after `python cascade.py`: SFT the smallest cascade child, train
 and calibrate the PWRM, run online DPO; results in OUT/results.json, `--record FILE` copies them);
@@ -71,6 +76,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data as D
@@ -413,8 +419,9 @@ def judge_pairs(pwrm: PairwiseRewardModel, tok, cfg: "ODPOConfig", conversations
 class RolloutLoader:
     """train.py's loader contract, batch(i) -> (inputs [B, T], targets [B, T]), filled online.
 
-    Micro-batch i holds B/2 prompts, each with two samples of the current policy. The loss's labels
-    (p, keep) and the reference log-probs are queued for `odpo_loss_fn` (deviation 5)."""
+    Micro-batch i on rank r of w holds B/2 prompts (global micro-batch i * w + r, so ranks see different
+    prompts), each with two samples of the current policy. The loss's labels (p, keep) and the reference
+    log-probs are queued for `odpo_loss_fn` (deviation 5)."""
 
     def __init__(self, policy: Transformer, reference: Transformer, pwrm: PairwiseRewardModel, tok,
                  prompts: Sequence[list[dict]], cfg: ODPOConfig, micro_batch_size: int, seed: int = 0):
@@ -441,14 +448,15 @@ class RolloutLoader:
         self.seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens - 1
         self.queue: deque = deque()
         self.stats: list[dict] = []
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.B // 2
-        idx = [(i * n + j) % len(self.prompts) for j in range(n)]
+        n, g = self.B // 2, i * self.world + self.rank  # g: the global micro-batch
+        idx = [(g * n + j) % len(self.prompts) for j in range(n)]
         prompts = [self.prompt_ids[k] for k in idx for _ in range(2)]
         t0, c0 = time.perf_counter(), time.process_time()
         samples = generate(self.policy, prompts, self.cfg.max_new_tokens, temperature=self.cfg.sample_temperature,
-                           top_p=self.cfg.top_p, eos_id=self.tok.eos_id, seed=self.seed * 1_000_003 + i)
+                           top_p=self.cfg.top_p, eos_id=self.tok.eos_id, seed=self.seed * 1_000_003 + g)
         t_gen, c_gen = time.perf_counter() - t0, time.process_time() - c0
         if any(len(s) == 0 for s in samples):
             raise ValueError("the policy produced an empty generation: max_new_tokens must be >= 1")
@@ -534,6 +542,8 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
              name: str = "odpo") -> dict:
     """Online DPO through train.py's loop: `train_cfg.batch_size` responses (= batch_size / 2 prompts)
     per optimizer step. Evaluates on `eval_problems` before and after (and every eval_every_steps)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("odpo.py runs at world size 1 for now (reading guide, item 7): launch without torchrun")
     reference.requires_grad_(False)
     reference.eval()
     loader = RolloutLoader(policy, reference, pwrm, tok, prompts, cfg, train_cfg.micro_batch_size, seed=train_cfg.seed)

@@ -221,6 +221,21 @@ def test_response_logprobs_equal_the_plain_sum(one_thread):
     assert m.embed_tokens.weight.grad is not None
 
 
+def test_response_logprobs_under_bf16_autocast(one_thread):
+    m = _tiny(300, seed=2)
+    m.init_weights(seed=2, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 300, (4, 24), generator=g), torch.randint(0, 300, (4, 24), generator=g)
+    y[:, :8] = -100
+    want = O.response_logprobs(m, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = O.response_logprobs(m, x, y)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=2e-2), (got, want)
+    a, b = got[0::2], got[1::2]
+    assert torch.isfinite(O.soft_dpo_loss(a, b, want[0::2], want[1::2], torch.tensor([0.3, 0.9]))).all()
+
+
 # -- the online loop on the CPU ----------------------------------------------------------------
 
 GOOD = range(1100, 1160)  # the stub judge prefers responses with more of these tokens
