@@ -837,13 +837,28 @@ def _math_problem(rng: random.Random) -> tuple[str, int]:
             f"How many dollars of change does {name} get?", bill - price * k)
 
 
-def math_problems(n: int, seed: int = 0) -> list[dict]:
-    """Arithmetic and word problems with integer answers ("42"). Problem i depends only on (seed, i)."""
+def _easy_problem(rng: random.Random) -> tuple[str, int]:
+    """One-digit sums, with the answer format the checker reads. A 135M model (SmolLM2-Instruct) gets
+    a fair share of these right, where it is at the floor on the "mixed" level (REAL_MODEL.md)."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} + {b}? Answer with the number only.", a + b
+
+
+MATH_LEVELS = {"mixed": _math_problem, "easy": _easy_problem}
+
+
+def math_problems(n: int, seed: int = 0, level: str = "mixed") -> list[dict]:
+    """Arithmetic and word problems with integer answers ("42"). Problem i depends only on (seed, i, level).
+
+    level "mixed" (the default): two-digit arithmetic and word problems; "easy": one-digit sums."""
     if n < 0:
         raise ValueError(f"math_problems: n must be >= 0, got {n}")
+    if level not in MATH_LEVELS:
+        raise ValueError(f"math_problems: level {level!r} is unknown: choose one of {', '.join(MATH_LEVELS)}")
     out = []
     for i in range(n):
-        q, a = _math_problem(random.Random(f"math:{seed}:{i}"))
+        key = f"math:{seed}:{i}" if level == "mixed" else f"math:{level}:{seed}:{i}"  # mixed: ids as before
+        q, a = MATH_LEVELS[level](random.Random(key))
         out.append(dict(question=q, answer=str(a)))
     return out
 
