@@ -387,7 +387,7 @@ def test_easy_math_level():
         assert 1 <= int(a) <= 9 and 1 <= int(b) <= 9 and int(a) + int(b) == int(p["answer"])
         assert p["question"].endswith("Answer with the number only.")
         assert data.check_math_answer(f"{a} + {b} = {p['answer']}", p["answer"])  # the format the models use
-    assert len({p["question"] for p in easy}) == 81  # every pair appears in 200 draws
+    assert len({p["question"] for p in easy}) > 60  # of the 81 pairs (draws repeat)
     with pytest.raises(ValueError, match="level 'hard' is unknown"):
         data.math_problems(1, level="hard")
 
