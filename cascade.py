@@ -23,6 +23,12 @@ Two ways to run it:
   * `torchrun --nproc_per_node=8 cascade.py --preset paper --size 3b --parent PATH --data SHARDS
     --activation-checkpointing`: a real parent
     (Hugging Face or Mistral-native) and the real 14B/8B/3B shapes, FSDP2 through train.py.
+  * `python cascade.py --parent smollm2 --preset cpu-real` (or `gpu-real`, or a path to any dense Llama
+    .gguf file): a real pretrained parent from the package index (SmolLM2-135M-Instruct, issue 11). Its
+    children take the paper's child/parent ratios of layers, width and FFN (tied stays tied), are
+    distilled on the Python corpus (plus `--data`), and are also scored on held-out arithmetic through
+    the chat template and on three fixed prompts, so the table shows what pruning breaks and
+    distillation mends.
 
 Deviations from the paper, and why:
  1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
@@ -38,7 +44,8 @@ Deviations from the paper, and why:
  4. The teacher stays the original parent for every size, as in the paper; `--teacher PATH` swaps it
     for the larger-teacher ablation.
 
-Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --preset gpu` (the same
+Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --parent smollm2 --preset
+cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset gpu` (the same
 experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
 Depends on: model.py, data.py, prune.py, distill.py, train.py.
 """
