@@ -31,15 +31,17 @@ Deviations from the paper / reference code, and why:
  5. Packing: documents are concatenated as BOS + text + EOS and cut into non-overlapping windows;
     attention is not masked at document boundaries (standard packing), only the EOS -> next BOS
     target is ignored.
+ 6. Post-training data: the paper's SFT/RL sets are unpublished. `qa_pairs` and `math_problems` are
+    small seeded stand-ins with exact answers (docstring Q/A; arithmetic and word problems checked
+    by `check_math_answer`, the verifiable reward of section 8). `math_problems(level="easy")` gives
+    one-digit sums for small real models, which sit at the floor on the default mixed level.
  7. GGUF tokenizers: a GPT-2-style byte-level BPE (`tokenizer.ggml.model` gpt2) is rebuilt on tiktoken
     from the file's tokens and merges, with rank = id - (leading control tokens), which is exact when
     the ids follow the merge order (checked on load; SmolLM2's do). Its chat format is ChatML. Bytes the
     vocabulary lacks (21 control/invalid bytes in SmolLM2) encode as the unknown id. The "smollm"
     pre-tokenizer (digits split off one by one) is one tiktoken pattern; transformers 5.23's GGUF
     loader ignores it and uses the plain GPT-2 split (ids differ around digits after runs of spaces).
- 6. Post-training data: the paper's SFT/RL sets are unpublished. `qa_pairs` and `math_problems` are
-    small seeded stand-ins with exact answers (docstring Q/A; arithmetic and word problems checked
-    by `check_math_answer`, the verifiable reward of section 8).
+    Packed documents are bracketed by the file's own bos/eos ids (SmolLM2: <|im_start|>, <|im_end|>).
 
 Run: `python data.py stats` (embedded corpus size), `python data.py prepare --vocab-size 8192 --out
 out/tokens` (tokenize + shard the embedded corpus; add FILES... for your own text).
