@@ -466,6 +466,7 @@ def stage_eval(cfg, ctx, stages, name, path, teacher, seq_len) -> dict:
 
 SAMPLE_PROMPTS = ("What is the capital of France?", "What is 7 + 5?",
                   "Write a Python function that returns the square of a number.")
+SAMPLE_TOKENS = 32
 
 
 def stage_tasks(cfg, ctx, stages, name, path) -> dict:
@@ -486,12 +487,12 @@ def stage_tasks(cfg, ctx, stages, name, path) -> dict:
         probs = D.math_problems(cfg.math_problems, seed=cfg.math_seed, level=cfg.math_level)
         prompts = [tok.encode_chat([{"role": "user", "content": p["question"]}])[0] for p in probs]
         answers = []
-        for i in range(0, len(prompts), 100):  # bounded batches: the KV cache grows with the batch
-            answers += M.generate(model, prompts[i:i + 100], cfg.math_new_tokens, eos_id=tok.eos_id)
+        for i in range(0, len(prompts), 200):  # bounded batches: the KV cache grows with the batch
+            answers += M.generate(model, prompts[i:i + 200], cfg.math_new_tokens, eos_id=tok.eos_id)
         texts = [tok.decode(a) for a in answers]
         correct = [D.check_math_answer(t, p["answer"]) for t, p in zip(texts, probs)]
         samples = M.generate(model, [tok.encode_chat([{"role": "user", "content": q}])[0] for q in SAMPLE_PROMPTS],
-                             40, eos_id=tok.eos_id)
+                             SAMPLE_TOKENS, eos_id=tok.eos_id)
         result = {"math_correct": sum(correct), "math_total": len(probs), "math_accuracy": sum(correct) / len(probs),
                   "math_level": cfg.math_level, "math_seed": cfg.math_seed,
                   "math_examples": [{"question": p["question"], "answer": p["answer"], "output": t}
@@ -566,6 +567,9 @@ def run_cascade(cfg: CascadeConfig) -> dict:
                 rows.append({"stage": f"{name} {label}", **stage_eval(cfg, ctx, stages, f"{name}/{stage}", path, teacher,
                                                                       cfg.seq_len), **tasks})
             current = short  # the SHORT-context child seeds the next size
+            if rank == 0 and cfg.math_problems:  # a real parent's run is long: keep a table of the sizes done so far
+                write_results(cfg, rows, plan, {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
+                                                "threads": torch.get_num_threads(), "partial_after": name})
             child_tokens = cfg.short_steps * cfg.batch_size * cfg.seq_len + cfg.long_steps * cfg.batch_size * cfg.long_seq_len
         if cfg.baseline and cfg.preset not in REAL_SMALL:  # a few thousand tokens from scratch say nothing next to a pretrained parent
             last_name, last_args = plan.sizes[-1]
@@ -714,7 +718,7 @@ def write_results(cfg: CascadeConfig, rows: list, plan: Plan, timing: Optional[d
     if "math_total" in rows[0]:
         note += (f" math exact: greedy answers to {cfg.math_problems} held-out data.math_problems (level "
                  f"{cfg.math_level!r}, seed {cfg.math_seed}) asked through the chat template, checked by "
-                 f"data.check_math_answer.\n\n## Sample answers (greedy, 40 tokens)\n\n" + samples_text(rows))
+                 f"data.check_math_answer.\n\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
     if timing:
         note += (f"\n\nRun time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s process CPU "
                  f"({timing['threads']} threads; wall time on a shared machine is inflated by other work).")
