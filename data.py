@@ -31,15 +31,17 @@ Deviations from the paper / reference code, and why:
  5. Packing: documents are concatenated as BOS + text + EOS and cut into non-overlapping windows;
     attention is not masked at document boundaries (standard packing), only the EOS -> next BOS
     target is ignored.
+ 6. Post-training data: the paper's SFT/RL sets are unpublished. `qa_pairs` and `math_problems` are
+    small seeded stand-ins with exact answers (docstring Q/A; arithmetic and word problems checked
+    by `check_math_answer`, the verifiable reward of section 8). `math_problems(level="easy")` gives
+    one-digit sums for small real models, which sit at the floor on the default mixed level.
  7. GGUF tokenizers: a GPT-2-style byte-level BPE (`tokenizer.ggml.model` gpt2) is rebuilt on tiktoken
     from the file's tokens and merges, with rank = id - (leading control tokens), which is exact when
     the ids follow the merge order (checked on load; SmolLM2's do). Its chat format is ChatML. Bytes the
     vocabulary lacks (21 control/invalid bytes in SmolLM2) encode as the unknown id. The "smollm"
     pre-tokenizer (digits split off one by one) is one tiktoken pattern; transformers 5.23's GGUF
     loader ignores it and uses the plain GPT-2 split (ids differ around digits after runs of spaces).
- 6. Post-training data: the paper's SFT/RL sets are unpublished. `qa_pairs` and `math_problems` are
-    small seeded stand-ins with exact answers (docstring Q/A; arithmetic and word problems checked
-    by `check_math_answer`, the verifiable reward of section 8).
+    Packed documents are bracketed by the file's own bos/eos ids (SmolLM2: <|im_start|>, <|im_end|>).
 
 Run: `python data.py stats` (embedded corpus size), `python data.py prepare --vocab-size 8192 --out
 out/tokens` (tokenize + shard the embedded corpus; add FILES... for your own text).
@@ -837,13 +839,28 @@ def _math_problem(rng: random.Random) -> tuple[str, int]:
             f"How many dollars of change does {name} get?", bill - price * k)
 
 
-def math_problems(n: int, seed: int = 0) -> list[dict]:
-    """Arithmetic and word problems with integer answers ("42"). Problem i depends only on (seed, i)."""
+def _easy_problem(rng: random.Random) -> tuple[str, int]:
+    """One-digit sums, with the answer format the checker reads. A 135M model (SmolLM2-Instruct) gets
+    a fair share of these right, where it is at the floor on the "mixed" level (REAL_MODEL.md)."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} + {b}? Answer with the number only.", a + b
+
+
+MATH_LEVELS = {"mixed": _math_problem, "easy": _easy_problem}
+
+
+def math_problems(n: int, seed: int = 0, level: str = "mixed") -> list[dict]:
+    """Arithmetic and word problems with integer answers ("42"). Problem i depends only on (seed, i, level).
+
+    level "mixed" (the default): two-digit arithmetic and word problems; "easy": one-digit sums."""
     if n < 0:
         raise ValueError(f"math_problems: n must be >= 0, got {n}")
+    if level not in MATH_LEVELS:
+        raise ValueError(f"math_problems: level {level!r} is unknown: choose one of {', '.join(MATH_LEVELS)}")
     out = []
     for i in range(n):
-        q, a = _math_problem(random.Random(f"math:{seed}:{i}"))
+        key = f"math:{seed}:{i}" if level == "mixed" else f"math:{level}:{seed}:{i}"  # mixed: ids as before
+        q, a = MATH_LEVELS[level](random.Random(key))
         out.append(dict(question=q, answer=str(a)))
     return out
 

@@ -233,6 +233,15 @@ def test_gguf_tokenizer_matches_textbook_bpe(tmp_path):
     assert flat.tolist() == [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
 
 
+def test_tokenizer_from_a_folder_holding_tokenizer_gguf(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "tokenizer.gguf").write_bytes(path.read_bytes())
+    a, b = D.Tokenizer.from_file(folder), D.Tokenizer.from_file(path)
+    assert a.file_hash == b.file_hash and a.encode(TEXTS[1]) == b.encode(TEXTS[1])
+
+
 def test_chatml_ids_and_mask(tmp_path):
     tok = D.Tokenizer.from_file(write_gguf(tmp_path / "m.gguf"))
     S, E = 1, 2
