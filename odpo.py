@@ -610,6 +610,7 @@ class DemoConfig:
     calib_problems: int = 64  # held-out problems for the temperature and the ECE
     odpo_prompts: int = 256  # prompts the online loop samples from
     length_rule: str = "correct"  # shorter wins among two correct answers ("correct") or also two wrong ones ("equal")
+    level: str = "mixed"  # data.math_problems level: "mixed" (two-digit, word problems) or "easy" (one-digit sums)
     record: Optional[str] = None  # also write the results json here (benchmarks/odpo/...)
 
 
@@ -683,9 +684,9 @@ def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
     root = tcfg.out_dir
     sub = lambda name, **kw: dataclasses.replace(tcfg, out_dir=os.path.join(root, name), resume=True, **kw)
     log = lambda msg: print(f"[odpo demo] {msg}", flush=True)
-    splits = {"sft": D.math_problems(2048, seed=10), "pwrm": D.math_problems(dcfg.pwrm_problems, seed=11),
-              "calib": D.math_problems(dcfg.calib_problems, seed=12), "odpo": D.math_problems(dcfg.odpo_prompts, seed=13),
-              "eval": D.math_problems(ocfg.eval_prompts, seed=14)}
+    problems = lambda n, seed: D.math_problems(n, seed=seed, level=dcfg.level)
+    splits = {"sft": problems(2048, 10), "pwrm": problems(dcfg.pwrm_problems, 11), "calib": problems(dcfg.calib_problems, 12),
+              "odpo": problems(dcfg.odpo_prompts, 13), "eval": problems(ocfg.eval_prompts, 14)}
 
     # 1. the SFT-ed policy (Instruct = SFT then online DPO, PAPER.md section 1)
     policy_path = dcfg.policy
