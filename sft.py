@@ -773,13 +773,14 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
 
 
 def write_demo_table(results: dict, path: str) -> None:
-    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | math endless | math loops | "
-            "mean new tokens (math) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | endless (math / Q/A) | "
+            "loops (math / Q/A) | mean new tokens (math / Q/A) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in results["models"].items():
         kl = m.get("held_out_kl_to_teacher")
-        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | "
-                    f"{m['math']['accuracy']:.1%} | {m['qa']['accuracy']:.1%} | {m['math']['endless_rate']:.1%} | "
-                    f"{m['math']['loop_rate']:.1%} | {m['math']['mean_new_tokens']:.1f} |")
+        a, q = m["math"], m["qa"]
+        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | {a['accuracy']:.1%} | "
+                    f"{q['accuracy']:.1%} | {a['endless_rate']:.0%} / {q['endless_rate']:.0%} | "
+                    f"{a['loop_rate']:.0%} / {q['loop_rate']:.0%} | {a['mean_new_tokens']:.1f} / {q['mean_new_tokens']:.1f} |")
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write("\n".join(rows) + "\n")
