@@ -420,10 +420,11 @@ def exact_match(text: str, answer: str) -> bool:
 
 @torch.no_grad()
 def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_match, max_new_tokens: int = 64,
-                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3) -> dict:
-    """Greedy answers to items [{question, answer}] with model.generate: exact-answer accuracy (check(text,
-    answer)), the share that hit max_new_tokens without </s> ("endless") and that end in a loop, the mean
-    length, and the first `keep` samples."""
+                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3, temperature: float = 0.0,
+                seed: int = 0) -> dict:
+    """Answers to items [{question, answer}] with model.generate (greedy, or sampled at `temperature`):
+    exact-answer accuracy (check(text, answer)), the share that hit max_new_tokens without </s>
+    ("endless") and that end in a loop, the mean length, and the first `keep` samples."""
     was = model.training
     model.eval()
     correct = endless = loops = n_tok = 0
@@ -431,7 +432,7 @@ def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_ma
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         outs = generate(model, [prompt_ids(tok, it["question"]) for it in chunk], max_new_tokens,
-                        temperature=0.0, eos_id=tok.eos_id)
+                        temperature=temperature, eos_id=tok.eos_id, seed=seed + i)
         for it, out in zip(chunk, outs):
             stopped = bool(out) and out[-1] == tok.eos_id
             text = tok.decode(out[:-1] if stopped else out, special="keep")
@@ -679,7 +680,11 @@ def demo_measure(model, tok, items: dict, held_examples: list, teacher=None, loo
     math = answer_eval(model, tok, items["math_held"], D.check_math_answer, max_new_tokens,
                        loop_min_tokens=loop_min_tokens)
     qa = answer_eval(model, tok, items["qa_held"], exact_match, max_new_tokens, loop_min_tokens=loop_min_tokens)
-    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa}
+    sampled = {k: answer_eval(model, tok, items[f"{k}_held"], D.check_math_answer if k == "math" else exact_match,
+                              max_new_tokens, loop_min_tokens=loop_min_tokens, temperature=0.7, seed=1)
+               for k in ("math", "qa")}  # T = 0.7, online DPO's sampling temperature (section 8)
+    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa,
+           "math_t0.7": sampled["math"], "qa_t0.7": sampled["qa"]}
     if teacher is not None:
         out["held_out_kl_to_teacher"] = eval_loss(model, held_examples, tok.pad_id, teacher)
     out["eval_wall_s"], out["eval_cpu_s"] = time.time() - t0, time.process_time() - c0
@@ -774,13 +779,17 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
 
 def write_demo_table(results: dict, path: str) -> None:
     rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | endless (math / Q/A) | "
-            "loops (math / Q/A) | mean new tokens (math / Q/A) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "loops (math / Q/A) | mean new tokens (math / Q/A) | T=0.7: math acc, endless, loops (math / Q/A) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in results["models"].items():
         kl = m.get("held_out_kl_to_teacher")
         a, q = m["math"], m["qa"]
         rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | {a['accuracy']:.1%} | "
                     f"{q['accuracy']:.1%} | {a['endless_rate']:.0%} / {q['endless_rate']:.0%} | "
-                    f"{a['loop_rate']:.0%} / {q['loop_rate']:.0%} | {a['mean_new_tokens']:.1f} / {q['mean_new_tokens']:.1f} |")
+                    f"{a['loop_rate']:.0%} / {q['loop_rate']:.0%} | {a['mean_new_tokens']:.1f} / {q['mean_new_tokens']:.1f} |"
+                    + (f" {m['math_t0.7']['accuracy']:.0%}, {m['math_t0.7']['endless_rate']:.0%} / "
+                       f"{m['qa_t0.7']['endless_rate']:.0%}, {m['math_t0.7']['loop_rate']:.0%} / "
+                       f"{m['qa_t0.7']['loop_rate']:.0%} |" if "math_t0.7" in m else " |"))
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write("\n".join(rows) + "\n")
