@@ -498,10 +498,13 @@ class SFTRun:
 
 
 def load_tokenizer(path: Optional[str], model_dir: Optional[str], vocab_size: int):
-    """Tekken from --tokenizer, else the checkpoint's own tekken.json, else the shipped file, truncated
-    to the model's vocabulary (data.py deviation 2)."""
-    if path is None and model_dir and os.path.isfile(os.path.join(model_dir, "tekken.json")):
-        path = model_dir
+    """--tokenizer, else the checkpoint's own (a .gguf file's, or a folder's tekken.json / tokenizer.gguf),
+    else the shipped Tekken truncated to the model's vocabulary (data.py deviation 2)."""
+    if path is None and model_dir:
+        if os.path.isfile(model_dir) and model_dir.endswith(".gguf"):  # a GGUF carries its own tokenizer
+            path = model_dir
+        elif any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tekken.json", D.GGUF_TOKENIZER)):
+            path = model_dir
     return D.Tokenizer.from_file(path, vocab_size=vocab_size)
 
 
@@ -549,9 +552,9 @@ def main(argv=None) -> int:
     rank = 0
     try:
         if run.chat:
-            if not os.path.isdir(run.chat):
-                raise FileNotFoundError(f"--chat {run.chat!r} is not a checkpoint folder: pass the folder sft.py "
-                                        f"exported (OUT/model)")
+            if not (os.path.isdir(run.chat) or (os.path.isfile(run.chat) and run.chat.endswith(".gguf"))):
+                raise FileNotFoundError(f"--chat {run.chat!r} is not a checkpoint folder or .gguf file: pass the "
+                                        f"folder sft.py exported (OUT/model)")
             chat(run.chat, run)
             return 0
         if run.demo:
@@ -568,8 +571,9 @@ def main(argv=None) -> int:
             check_vocab(student, teacher)
         tok = load_tokenizer(run.tokenizer, run.student, student.args.vocab_size)
         convs, _ = read_conversations(run.data, scfg.on_bad_line, tok)
-        print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),
-                          "run": dataclasses.asdict(run)}), flush=True) if rank == 0 else None
+        if rank == 0:
+            print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),
+                              "run": dataclasses.asdict(run)}), flush=True)
         out = run_sft(student, convs, tok, tcfg, scfg, teacher, device=device)
         if rank == 0 and out["export"] and os.path.isfile(tok.path):
             shutil.copyfile(tok.path, os.path.join(out["export"], "tekken.json"))
