@@ -707,7 +707,7 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
         sizes = [s for s in ("3b", "8b", "14b") if os.path.isdir(os.path.join(run.cascade, s, "long", "model"))]
         child_dir = os.path.join(run.cascade, sizes[0], "long", "model") if sizes else ""
     for what, path in (("parent", parent_dir), ("child", child_dir)):
-        if path is None or (real and what == "parent" and os.path.isfile(path)):
+        if path is None or (path.endswith(".gguf") and os.path.isfile(path)):
             continue
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no {what} checkpoint at {path!r}: run `python cascade.py` first (or pass "
