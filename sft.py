@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -267,7 +266,7 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
                              f"{teacher.args.max_seq_len}: lower --seq-len")
         teacher.eval()
         teacher.requires_grad_(False)
-    if len(getattr(tok, "specials", ())) and tok.vocab_size > student.args.vocab_size:
+    if tok.vocab_size > student.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {student.args.vocab_size}: "
                          f"load the tokenizer with vocab_size={student.args.vocab_size}")
     examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate)
