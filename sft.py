@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -267,7 +266,7 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
                              f"{teacher.args.max_seq_len}: lower --seq-len")
         teacher.eval()
         teacher.requires_grad_(False)
-    if len(getattr(tok, "specials", ())) and tok.vocab_size > student.args.vocab_size:
+    if tok.vocab_size > student.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {student.args.vocab_size}: "
                          f"load the tokenizer with vocab_size={student.args.vocab_size}")
     examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate)
@@ -420,10 +419,11 @@ def exact_match(text: str, answer: str) -> bool:
 
 @torch.no_grad()
 def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_match, max_new_tokens: int = 64,
-                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3) -> dict:
-    """Greedy answers to items [{question, answer}] with model.generate: exact-answer accuracy (check(text,
-    answer)), the share that hit max_new_tokens without </s> ("endless") and that end in a loop, the mean
-    length, and the first `keep` samples."""
+                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3, temperature: float = 0.0,
+                seed: int = 0) -> dict:
+    """Answers to items [{question, answer}] with model.generate (greedy, or sampled at `temperature`):
+    exact-answer accuracy (check(text, answer)), the share that hit max_new_tokens without </s>
+    ("endless") and that end in a loop, the mean length, and the first `keep` samples."""
     was = model.training
     model.eval()
     correct = endless = loops = n_tok = 0
@@ -431,7 +431,7 @@ def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_ma
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         outs = generate(model, [prompt_ids(tok, it["question"]) for it in chunk], max_new_tokens,
-                        temperature=0.0, eos_id=tok.eos_id)
+                        temperature=temperature, eos_id=tok.eos_id, seed=seed + i)
         for it, out in zip(chunk, outs):
             stopped = bool(out) and out[-1] == tok.eos_id
             text = tok.decode(out[:-1] if stopped else out, special="keep")
@@ -497,10 +497,13 @@ class SFTRun:
 
 
 def load_tokenizer(path: Optional[str], model_dir: Optional[str], vocab_size: int):
-    """Tekken from --tokenizer, else the checkpoint's own tekken.json, else the shipped file, truncated
-    to the model's vocabulary (data.py deviation 2)."""
-    if path is None and model_dir and os.path.isfile(os.path.join(model_dir, "tekken.json")):
-        path = model_dir
+    """--tokenizer, else the checkpoint's own (a .gguf file's, or a folder's tekken.json / tokenizer.gguf),
+    else the shipped Tekken truncated to the model's vocabulary (data.py deviation 2)."""
+    if path is None and model_dir:
+        if os.path.isfile(model_dir) and model_dir.endswith(".gguf"):  # a GGUF carries its own tokenizer
+            path = model_dir
+        elif any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tekken.json", D.GGUF_TOKENIZER)):
+            path = model_dir
     return D.Tokenizer.from_file(path, vocab_size=vocab_size)
 
 
@@ -548,9 +551,9 @@ def main(argv=None) -> int:
     rank = 0
     try:
         if run.chat:
-            if not os.path.isdir(run.chat):
-                raise FileNotFoundError(f"--chat {run.chat!r} is not a checkpoint folder: pass the folder sft.py "
-                                        f"exported (OUT/model)")
+            if not (os.path.isdir(run.chat) or (os.path.isfile(run.chat) and run.chat.endswith(".gguf"))):
+                raise FileNotFoundError(f"--chat {run.chat!r} is not a checkpoint folder or .gguf file: pass the "
+                                        f"folder sft.py exported (OUT/model)")
             chat(run.chat, run)
             return 0
         if run.demo:
@@ -567,8 +570,9 @@ def main(argv=None) -> int:
             check_vocab(student, teacher)
         tok = load_tokenizer(run.tokenizer, run.student, student.args.vocab_size)
         convs, _ = read_conversations(run.data, scfg.on_bad_line, tok)
-        print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),
-                          "run": dataclasses.asdict(run)}), flush=True) if rank == 0 else None
+        if rank == 0:
+            print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),
+                              "run": dataclasses.asdict(run)}), flush=True)
         out = run_sft(student, convs, tok, tcfg, scfg, teacher, device=device)
         if rank == 0 and out["export"] and os.path.isfile(tok.path):
             shutil.copyfile(tok.path, os.path.join(out["export"], "tekken.json"))
@@ -679,7 +683,11 @@ def demo_measure(model, tok, items: dict, held_examples: list, teacher=None, loo
     math = answer_eval(model, tok, items["math_held"], D.check_math_answer, max_new_tokens,
                        loop_min_tokens=loop_min_tokens)
     qa = answer_eval(model, tok, items["qa_held"], exact_match, max_new_tokens, loop_min_tokens=loop_min_tokens)
-    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa}
+    sampled = {k: answer_eval(model, tok, items[f"{k}_held"], D.check_math_answer if k == "math" else exact_match,
+                              max_new_tokens, loop_min_tokens=loop_min_tokens, temperature=0.7, seed=1)
+               for k in ("math", "qa")}  # T = 0.7, online DPO's sampling temperature (section 8)
+    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa,
+           "math_t0.7": sampled["math"], "qa_t0.7": sampled["qa"]}
     if teacher is not None:
         out["held_out_kl_to_teacher"] = eval_loss(model, held_examples, tok.pad_id, teacher)
     out["eval_wall_s"], out["eval_cpu_s"] = time.time() - t0, time.process_time() - c0
@@ -698,7 +706,7 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
         sizes = [s for s in ("3b", "8b", "14b") if os.path.isdir(os.path.join(run.cascade, s, "long", "model"))]
         child_dir = os.path.join(run.cascade, sizes[0], "long", "model") if sizes else ""
     for what, path in (("parent", parent_dir), ("child", child_dir)):
-        if path is None or (real and what == "parent" and os.path.isfile(path)):
+        if path is None or (path.endswith(".gguf") and os.path.isfile(path)):
             continue
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no {what} checkpoint at {path!r}: run `python cascade.py` first (or pass "
@@ -773,13 +781,18 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
 
 
 def write_demo_table(results: dict, path: str) -> None:
-    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | math endless | math loops | "
-            "mean new tokens (math) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | endless (math / Q/A) | "
+            "loops (math / Q/A) | mean new tokens (math / Q/A) | T=0.7: math acc, endless, loops (math / Q/A) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in results["models"].items():
         kl = m.get("held_out_kl_to_teacher")
-        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | "
-                    f"{m['math']['accuracy']:.1%} | {m['qa']['accuracy']:.1%} | {m['math']['endless_rate']:.1%} | "
-                    f"{m['math']['loop_rate']:.1%} | {m['math']['mean_new_tokens']:.1f} |")
+        a, q = m["math"], m["qa"]
+        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | {a['accuracy']:.1%} | "
+                    f"{q['accuracy']:.1%} | {a['endless_rate']:.0%} / {q['endless_rate']:.0%} | "
+                    f"{a['loop_rate']:.0%} / {q['loop_rate']:.0%} | {a['mean_new_tokens']:.1f} / {q['mean_new_tokens']:.1f} |"
+                    + (f" {m['math_t0.7']['accuracy']:.0%}, {m['math_t0.7']['endless_rate']:.0%} / "
+                       f"{m['qa_t0.7']['endless_rate']:.0%}, {m['math_t0.7']['loop_rate']:.0%} / "
+                       f"{m['qa_t0.7']['loop_rate']:.0%} |" if "math_t0.7" in m else " |"))
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write("\n".join(rows) + "\n")
