@@ -13,7 +13,7 @@ Clocks are read after a device synchronise; warm-up iterations are excluded.
 
 Run: `python bench.py model` (decoder fwd+bwd and decoding vs transformers), `python bench.py kl`,
 `python bench.py train`, `python bench.py prune`, `python bench.py tokenizer`, `python bench.py vision`,
-`python bench.py all`.
+`python bench.py real` (the SmolLM2 parent from GGUF: load, prefill, decode vs transformers), `python bench.py all`.
 Depends on: model.py, train.py (MFU); the per-concept benchmark functions live in benchmarks/*.py. transformers (and
 liger-kernel on a GPU) are optional baselines, imported only when present.
 """
@@ -176,6 +176,7 @@ SUITES = {
     "prune": lambda device: _from_benchmarks("prune_bench", "bench_prune")(device=device),
     "tokenizer": lambda device: _from_benchmarks("tokenizer_bench", "bench_tokenizer")(),
     "vision": lambda device: _from_benchmarks("vision_bench", "bench_vision")(device=device),
+    "real": lambda device: _from_benchmarks("real_bench", "bench_real")(device=device),  # SmolLM2 GGUF (issue 11)
 }
 
 
@@ -192,7 +193,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/records.jsonl")
     a = ap.parse_args(argv)
-    names = list(SUITES) if a.suite == "all" else [a.suite]
+    names = [n for n in SUITES if n != "real"] if a.suite == "all" else [a.suite]  # real needs the fetched file
     result = {"env": environment(a.device)}
     for name in names:
         result[name] = SUITES[name](a.device)

@@ -254,3 +254,48 @@ def test_interrupted_stage_resumes_exactly(tmp_path):
     assert (out / "parent" / "ckpt" / "latest").exists() and not (out / "parent" / "done.json").exists()
     again = C.run_cascade(C.config_from_argv(argv + ["--out", str(out)]))
     assert again["rows"] == ref["rows"]
+
+
+# -- a real-format GGUF parent (issue 11), with a tiny file written by gguf's writer ---------------------
+
+@pytest.mark.slow
+def test_gguf_parent_cascade(tmp_path):
+    """--parent FILE.gguf: the parent is dequantised into an HF checkpoint, children take the paper's
+    ratios and stay tied, distillation runs on the Python corpus with the file's own tokenizer, and
+    every row gets math accuracy and sample answers through the ChatML template."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import dataclasses
+    from test_gguf import ARGS, small_vocab, tiny_model, write_gguf
+    args = dataclasses.replace(ARGS, n_layers=4, hidden_dim=128, max_seq_len=512, vocab_size=len(small_vocab()[0]))
+    parent = write_gguf(tmp_path / "p.gguf", tiny_model(args))
+    out = tmp_path / "run"
+    argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "3b", "--short-steps", "2", "--long-steps", "1",
+            "--seq-len", "32", "--long-seq-len", "64", "--batch-size", "2", "--micro-batch-size", "2",
+            "--calib-seqs", "4", "--eval-batches", "1", "--math-problems", "3", "--math-new-tokens", "3",
+            "--out", str(out)]
+    result = C.run_cascade(C.config_from_argv(argv))
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows) == ["parent", *(f"{s} {k}" for s in ("14b", "8b", "3b") for k in ("pruned", "short", "base"))]
+    got = M.read_checkpoint_args(str(out / "parent" / "model"))[0]
+    assert got == M.load_model(parent).args and got.family == "llama"
+    for size in ("14b", "8b", "3b"):
+        a = M.read_checkpoint_args(str(out / size / "init" / "model"))[0]
+        want = C.miniature(args, size, 32)
+        assert (a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings) == (want.n_layers, want.dim, want.hidden_dim, True)
+        assert rows[f"{size} base"]["math_total"] == 3 and len(rows[f"{size} base"]["samples"]) == 3
+    assert rows["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    table = (out / "results" / "table.md").read_text()
+    assert "math exact" in table and "## Sample answers" in table and "What is the capital of France?" in table
+
+
+def test_real_presets_need_a_parent():
+    with pytest.raises(ValueError, match="sizes a run on a real parent: give --parent PATH .or smollm2."):
+        C.resolved(C.config_from_argv(["--preset", "cpu-real"]))
+
+
+def test_real_children_follow_the_paper_ratios():
+    """REAL_MODEL.md's children of SmolLM2 (30 x 576 x 1536, tied): 14B, 8B, 3B ratios, all tied."""
+    smol = M.ModelArgs(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3,
+                       vocab_size=49152, rope_theta=1e5, max_seq_len=8192, tied_embeddings=True, family="llama")
+    shapes = [(a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings) for a in (C.miniature(smol, s, 128) for s in C.REAL_SIZES)]
+    assert shapes == [(30, 576, 768, True), (26, 464, 672, True), (20, 344, 432, True)]

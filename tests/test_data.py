@@ -117,7 +117,7 @@ def test_special_policies(tok):
 def test_bad_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         data.Tokenizer.from_file(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match="no tekken.json in folder"):
+    with pytest.raises(FileNotFoundError, match="no tekken.json or tokenizer.gguf in folder"):
         data.Tokenizer.from_file(tmp_path)
     bad = tmp_path / "tekken.json"
     bad.write_text('{"config": {"pattern": "x", "default_vocab')
@@ -452,6 +452,22 @@ def test_math_problems_and_checker():
     assert data.check_math_answer("so \\boxed{1,234} and 7 more words", "1234")
     assert data.check_math_answer("= 42.0", "42") and data.check_math_answer("-8", "-8")
     assert not data.check_math_answer("no number here", "42")
+
+
+def test_easy_math_level():
+    """One-digit sums for small real models; the default level is unchanged for other callers."""
+    assert data.math_problems(3, seed=5) == data.math_problems(3, seed=5, level="mixed")
+    assert data.math_problems(1, seed=0)[0]["question"] == "A box holds 77 pencils. How many pencils are in 9 boxes?"  # as before
+    easy = data.math_problems(200, seed=1, level="easy")
+    assert easy == data.math_problems(200, seed=1, level="easy") and easy != data.math_problems(200, seed=2, level="easy")
+    for p in easy:
+        a, b = p["question"][len("What is "):].split("?")[0].split(" + ")
+        assert 1 <= int(a) <= 9 and 1 <= int(b) <= 9 and int(a) + int(b) == int(p["answer"])
+        assert p["question"].endswith("Answer with the number only.")
+        assert data.check_math_answer(f"{a} + {b} = {p['answer']}", p["answer"])  # the format the models use
+    assert len({p["question"] for p in easy}) > 60  # of the 81 pairs (draws repeat)
+    with pytest.raises(ValueError, match="level 'hard' is unknown"):
+        data.math_problems(1, level="hard")
 
 
 def test_cli(tmp_path, capsys):

@@ -1,0 +1,793 @@
+"""Online DPO with a pairwise reward model (PWRM), soft labels, and loop detection.
+
+Reading guide
+-------------
+Concept: PAPER.md section 8, the preference stage that ends Instruct (and Reasoning) post-training.
+For every prompt the CURRENT policy samples two responses at T = 0.7 (model.py's batched, cached
+`generate`); a pairwise reward model, itself an LLM of the same family trained by SFT to answer "A" or
+"B", gives p = P(A beats B); p is the soft label of a DPO loss against a frozen reference model:
+
+    h = (log pi(A) - log ref(A)) - (log pi(B) - log ref(B))          (summed token log-probs)
+    L = -(p logsigmoid(beta h) + (1 - p) logsigmoid(-beta h)) / beta
+
+A response caught in an endless loop loses (p = 0 or 1) before the PWRM is asked; a pair where both
+loop is dropped. A reasoning model's `[THINK]...[/THINK]` trace is stripped before the PWRM reads it.
+
+The file reads top-down: the loss (`soft_dpo_loss`), the loop detector (`is_looping`), think stripping
+(`strip_think`), the PWRM (`PairwiseRewardModel`: prompt format, both-order score, temperature
+calibration, expected calibration error), honest offline preference rules for data.py's tasks
+(`rule_label`, `candidate_responses`, `preference_pairs`, `pwrm_conversations`), summed response
+log-probs (`response_logprobs`, distill.py's fused CE per row), the online loop (`RolloutLoader` feeding
+train.py's one loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the offline demo and the CLI.
+
+Deviations and choices where the paper is silent:
+ 1. The division by beta ("beta-rescaling") is PAPER.md's reading: the gradient at h = 0 is -(p - 1/2)
+    whatever beta is, the minimiser is h = logit(p) / beta. `rescale=False` gives the plain soft DPO
+    loss, and p in {0, 1} without rescaling is standard DPO; `labels="hard"` rounds p (ablations).
+ 2. PWRM score: the probability of the answer token "A" against "B" at the position after the prompt,
+    softmax restricted to those two tokens, with the logit margin divided by a temperature. Both
+    presentation orders are scored and their probabilities averaged, p = (P_AB + 1 - P_BA) / 2, so
+    p(a, b) + p(b, a) = 1 exactly. The temperature is the one that minimises the negative
+    log-likelihood of that averaged p on held-out labelled pairs (a 1-D search over log T).
+ 3. Loop detector (ours, PAPER.md section 8): after dropping a final EOS, the tail repeats a period of
+    P tokens at least 4 times and over at least 64 tokens; or the response hit the length cap (no EOS)
+    and fewer than 30% of its 4-grams are distinct.
+ 4. The per-step loss is the sum over kept pairs divided by the number of pair slots in the GLOBAL
+    optimizer step (train.py's contract: micro-batch losses add up). A dropped pair therefore shrinks
+    the step instead of re-weighting the others; `stats` logs how many were dropped.
+ 5. train.py's loop consumes (inputs, targets) batches; the rollout loader samples, judges and computes
+    the reference log-probs when the loop asks for a batch, and queues the soft labels for the loss,
+    which pops them in the same order (and checks the tokens match). Rows 2k and 2k+1 of a micro-batch
+    are the two responses to one prompt; prompt and padding targets are -100.
+ 6. Offline demo data: the paper's preference data and its PWRM are unpublished. The demo labels pairs
+    of responses to data.py's math problems with honest rules (a correct answer beats a wrong one, a
+    looping answer loses, a shorter one wins among equally correct ones, read as "two correct ones";
+    `--length-rule equal` lets length decide between two wrong ones too); the candidates are the SFT
+    model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, a
+    correct sentence repeated to the length cap, the empty answer). The PWRM starts from the SFT model.
+    For the real model (SmolLM2-135M-Instruct) the demo can use the instruct model itself as a zero-shot
+    PWRM (`--pwrm smollm2`): no PWRM training, only the temperature is fitted.
+ 7. World size 1 only (run_odpo refuses more). With FSDP every rank must call the sharded models the same
+    number of times, but generation stops when a rank's rows have all ended and the PWRM is asked only
+    about pairs without a loop, so ranks would fall out of step. Multi-GPU needs fixed-length rollouts
+    and padded PWRM batches (or the rollout engine of generate.py); not done. The loader already gives
+    each rank its own prompts.
+
+Run: `python odpo.py` (the embedded demo, after `python cascade.py`: SFT the smallest cascade child, train
+and calibrate the PWRM, run online DPO; results in OUT/results.json, `--record FILE` copies them);
+`python odpo.py --policy PATH --pwrm PATH --steps N` reuses trained models (a folder, a .gguf file, or
+`smollm2`); `python odpo.py --help` lists every flag.
+Depends on: model.py, data.py, train.py, distill.py (fused_ce), sft.py (trains the PWRM and the SFT policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as D
+import sft as S
+from distill import fused_ce
+from model import CheckpointError, Transformer, generate, load_model, resolve_model_path
+from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
+
+# -----------------------------------------------------------------------------
+# The loss (PAPER.md section 8)
+
+
+def soft_dpo_loss(logp_a: torch.Tensor, logp_b: torch.Tensor, ref_logp_a: torch.Tensor, ref_logp_b: torch.Tensor,
+                  p, beta: float = 0.1, rescale: bool = True) -> torch.Tensor:
+    """Per-pair loss -(p logsigmoid(beta h) + (1-p) logsigmoid(-beta h)) [/ beta], h the log-ratio margin.
+
+    All log-probs are summed over each response's tokens, shape [pairs]; p = P(A beats B) in [0, 1]."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    h = (logp_a - ref_logp_a) - (logp_b - ref_logp_b)
+    p = torch.as_tensor(p, dtype=h.dtype, device=h.device)
+    if bool(((p < 0) | (p > 1) | torch.isnan(p)).any()):
+        raise ValueError("p must lie in [0, 1] (the probability that response A beats B)")
+    loss = -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+    return loss / beta if rescale else loss
+
+
+# -----------------------------------------------------------------------------
+# Loop detection (deviation 3)
+
+
+def _distinct_4gram_ratio(ids: Sequence[int]) -> float:
+    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def is_looping(token_ids: Sequence[int], *, eos_id: Optional[int] = None, max_new_tokens: Optional[int] = None,
+               min_repeats: int = 4, min_span: int = 64, min_distinct: float = 0.3) -> bool:
+    """True when the response repeats itself endlessly.
+
+    Periodic tail: for some period P the last max(min_repeats * P, min_span) tokens (a final eos_id
+    aside) satisfy x[t] == x[t - P]. Length cap: the response has max_new_tokens tokens, no EOS, and a
+    distinct-4-gram ratio below min_distinct."""
+    ids = [int(t) for t in token_ids]
+    ended = eos_id is not None and len(ids) > 0 and ids[-1] == eos_id
+    if ended:
+        ids = ids[:-1]
+    n = len(ids)
+    if max_new_tokens is not None and not ended and len(token_ids) >= max_new_tokens \
+            and _distinct_4gram_ratio(ids) < min_distinct:
+        return True
+    if n < min_span:
+        return False
+    x = np.asarray(ids)
+    for P in range(1, n // min_repeats + 1):
+        same = x[P:] == x[:-P]  # same[t - P] says x[t] == x[t - P]
+        diff = np.flatnonzero(~same)
+        run = len(same) - 1 - diff[-1] if len(diff) else len(same)  # trailing run of matches
+        if run + P >= max(min_repeats * P, min_span):  # the periodic tail spans run + P tokens
+            return True
+    return False
+
+
+# -----------------------------------------------------------------------------
+# Think stripping
+
+
+def strip_think(response: Union[str, Sequence[int]], think_id: Optional[int] = None,
+                end_think_id: Optional[int] = None):
+    """The part of a response the PWRM may read: everything after the last [/THINK].
+
+    Text: split on the literal markers. Token ids: split on the control ids (user text cannot forge
+    them, data.py's encode policy). A trace that never closes leaves an empty answer."""
+    if isinstance(response, str):
+        if "[/THINK]" in response:
+            return response.rsplit("[/THINK]", 1)[1]
+        return "" if "[THINK]" in response else response
+    ids = [int(t) for t in response]
+    if end_think_id is not None and end_think_id in ids:
+        return ids[len(ids) - ids[::-1].index(end_think_id):]
+    if think_id is not None and think_id in ids:
+        return []
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# The pairwise reward model (deviation 2)
+
+PWRM_QUESTION = "Which response is better? Answer with A or B."
+
+
+def render_conversation(conversation: list[dict]) -> str:
+    return "\n".join(f"{m['role'].capitalize()}: {m.get('content') or ''}" for m in conversation)
+
+
+def pwrm_user_text(conversation: list[dict], a: str, b: str) -> str:
+    return (f"Conversation:\n{render_conversation(conversation)}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+            f"{PWRM_QUESTION}")
+
+
+def expected_calibration_error(p: Sequence[float], y: Sequence[float], bins: int = 10) -> float:
+    """Binary ECE: sum over equal-width bins of p of (bin share) * |mean(y) - mean(p)|."""
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(p) == 0:
+        raise ValueError("expected_calibration_error needs at least one prediction")
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(abs(y[idx == k].mean() - p[idx == k].mean()) * (idx == k).mean()
+                     for k in range(bins) if (idx == k).any()))
+
+
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+class PairwiseRewardModel:
+    """P(A beats B) from an LLM's logits on the answer tokens "A" and "B", both orders averaged.
+
+    `tok` must provide encode, decode and encode_chat (data.Tokenizer does); the model must share its
+    vocabulary (and the policy's: check_same_vocab)."""
+
+    def __init__(self, model: Transformer, tok, temperature: float = 1.0, max_response_tokens: int = 96,
+                 batch_size: int = 16):
+        if model.args.vocab_size != tok.vocab_size:
+            raise ValueError(f"the PWRM has a vocabulary of {model.args.vocab_size} tokens but its tokenizer has "
+                             f"{tok.vocab_size}: load the PWRM trained with this tokenizer")
+        self.model, self.tok, self.temperature = model, tok, float(temperature)
+        self.max_response_tokens, self.batch_size = max_response_tokens, batch_size
+        a, b = tok.encode("A"), tok.encode("B")
+        if len(a) != 1 or len(b) != 1:
+            raise ValueError("the tokenizer must encode 'A' and 'B' as single tokens (the PWRM's answer tokens)")
+        self.a_id, self.b_id = a[0], b[0]
+        specials = getattr(tok, "specials", ())
+        self.think_ids = tuple(specials.index(n) if n in specials else None for n in ("[THINK]", "[/THINK]"))
+
+    def response_text(self, response: Union[str, Sequence[int]]) -> str:
+        """Strip the think trace, cut to max_response_tokens, and give text."""
+        if isinstance(response, str):
+            response = self.tok.encode(strip_think(response))
+        ids = [t for t in strip_think(response, *self.think_ids) if t != self.tok.eos_id]
+        return self.tok.decode(ids[:self.max_response_tokens])
+
+    def messages(self, conversation: list[dict], a, b, a_wins: Optional[bool] = None) -> list[dict]:
+        """The PWRM's chat: one user turn holding the conversation and both responses; with a_wins given,
+        the assistant's answer "A" or "B" follows (an SFT example)."""
+        msgs = [{"role": "user", "content": pwrm_user_text(conversation, self.response_text(a), self.response_text(b))}]
+        return msgs if a_wins is None else msgs + [{"role": "assistant", "content": "A" if a_wins else "B"}]
+
+    def prompt_ids(self, conversation: list[dict], a, b) -> list[int]:
+        return self.tok.encode_chat(self.messages(conversation, a, b))[0]
+
+    @torch.no_grad()
+    def margins(self, items: Sequence[tuple]) -> torch.Tensor:
+        """z_A - z_B at the answer position for each (conversation, a, b), in the order given."""
+        out = []
+        device = self.model.embed_tokens.weight.device
+        for s in range(0, len(items), self.batch_size):
+            rows = [self.prompt_ids(*it) for it in items[s:s + self.batch_size]]
+            lens = [len(r) for r in rows]
+            if max(lens) > self.model.args.max_seq_len:
+                raise ValueError(f"a PWRM prompt has {max(lens)} tokens, past the PWRM's context "
+                                 f"{self.model.args.max_seq_len}: lower max_response_tokens")
+            x = torch.full((len(rows), max(lens)), self.tok.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, :len(r)] = torch.tensor(r)  # right padding: causal attention never sees it
+            last = torch.tensor(lens) - 1
+            h = self.model(x.to(device), return_hidden=True)[torch.arange(len(rows)), last.to(device)]
+            W = self.model.lm_head.weight
+            out.append((F.linear(h, W[self.a_id]) - F.linear(h, W[self.b_id])).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def probs(self, items: Sequence[tuple], temperature: Optional[float] = None) -> torch.Tensor:
+        """Both orders averaged: (P(A beats B | A first) + 1 - P(B beats A | B first)) / 2."""
+        T = self.temperature if temperature is None else temperature
+        m_ab = self.margins(items)
+        m_ba = self.margins([(c, b, a) for c, a, b in items])
+        return 0.5 * (torch.sigmoid(m_ab / T) + 1 - torch.sigmoid(m_ba / T))
+
+    def prob_a_beats_b(self, conversation: list[dict], a, b) -> float:
+        return float(self.probs([(conversation, a, b)])[0])
+
+    def calibrate(self, items: Sequence[tuple], labels: Sequence[float]) -> dict:
+        """Set the temperature that minimises the NLL of the averaged p on held-out labelled pairs;
+        returns the ECE and NLL before (T = 1) and after, and the PWRM's accuracy."""
+        if len(items) == 0 or len(items) != len(labels):
+            raise ValueError(f"calibrate needs labelled pairs: got {len(items)} pairs and {len(labels)} labels")
+        y = np.asarray(labels, dtype=np.float64)
+        m_ab, m_ba = self.margins(items).double().numpy(), self.margins([(c, b, a) for c, a, b in items]).double().numpy()
+        sig = lambda z: 1 / (1 + np.exp(-z))
+        p_at = lambda T: 0.5 * (sig(m_ab / T) + 1 - sig(m_ba / T))
+        lo, hi = math.log(1e-2), math.log(1e3)  # golden-section search over log T (NLL is unimodal here)
+        g = (math.sqrt(5) - 1) / 2
+        for _ in range(80):
+            a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+            if _nll(p_at(math.exp(a)), y) < _nll(p_at(math.exp(b)), y):
+                hi = b
+            else:
+                lo = a
+        T = math.exp((lo + hi) / 2)
+        before, after = p_at(1.0), p_at(T)
+        self.temperature = T
+        return {"temperature": T, "pairs": len(y), "ece_before": expected_calibration_error(before, y),
+                "ece_after": expected_calibration_error(after, y), "nll_before": _nll(before, y),
+                "nll_after": _nll(after, y), "accuracy": float(((after > 0.5) == (y > 0.5)).mean())}
+
+
+def check_same_vocab(policy: Transformer, pwrm: PairwiseRewardModel, tok) -> None:
+    if policy.args.vocab_size != tok.vocab_size or pwrm.model.args.vocab_size != tok.vocab_size:
+        raise ValueError(f"vocabulary mismatch: policy {policy.args.vocab_size}, PWRM {pwrm.model.args.vocab_size}, "
+                         f"tokenizer {tok.vocab_size} tokens; the PWRM reads the policy's tokens, so train it from "
+                         f"a model with the policy's tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Honest preference rules on data.py's tasks (deviation 6)
+
+
+def rule_label(a: dict, b: dict, length_rule: str = "correct") -> Optional[float]:
+    """1.0 when a beats b, 0.0 when b beats a, None when the rules cannot tell (or both loop).
+
+    Each response is {"correct": bool, "looping": bool, "length": int}: a looping answer loses, then a
+    correct answer beats a wrong one, then the shorter one wins among equally correct ones. length_rule
+    "correct": only two correct answers are "equally correct" (the default); "equal": two wrong ones
+    are too (the literal reading; on the demo it teaches the policy to answer nothing, see README)."""
+    if length_rule not in ("correct", "equal"):
+        raise ValueError(f"length_rule must be 'correct' or 'equal', got {length_rule!r}")
+    if a["looping"] and b["looping"]:
+        return None
+    if a["looping"] != b["looping"]:
+        return 0.0 if a["looping"] else 1.0
+    if a["correct"] != b["correct"]:
+        return 1.0 if a["correct"] else 0.0
+    if a["length"] != b["length"] and (a["correct"] or length_rule == "equal"):
+        return 1.0 if a["length"] < b["length"] else 0.0
+    return None
+
+
+def candidate_responses(problem: dict, samples: Sequence[Sequence[int]], tok, max_new_tokens: int) -> list[dict]:
+    """The policy's own samples plus five written answers (correct and short, off by one, correct but
+    wordy, a correct sentence repeated up to the length cap, and the empty answer, which is wrong: it has
+    no number), each with the facts rule_label reads."""
+    ans, wrong = problem["answer"], str(int(problem["answer"]) + 1)
+    written = [tok.encode(t) + [tok.eos_id] for t in
+               (f"The answer is {ans}.", f"The answer is {wrong}.", f"Let me work it out step by step. The answer is {ans}.")]
+    written.append((tok.encode(f"The answer is {ans}. ") * max_new_tokens)[:max_new_tokens])  # no EOS: cut at the cap
+    written.append([tok.eos_id])
+    out = []
+    for ids in [list(s) for s in samples] + written:
+        out.append({"ids": ids, "correct": D.check_math_answer(tok.decode(ids), ans),
+                    "looping": is_looping(ids, eos_id=tok.eos_id, max_new_tokens=max_new_tokens),
+                    "length": len(ids)})
+    return out
+
+
+def preference_pairs(problems: Sequence[dict], samples: Sequence[Sequence[Sequence[int]]], tok, max_new_tokens: int,
+                     pairs_per_problem: int = 4, seed: int = 0, length_rule: str = "correct") -> list[dict]:
+    """Labelled pairs {conversation, a, b, label} (label 1.0 = a wins), A/B positions shuffled."""
+    rng = random.Random(seed)
+    out = []
+    for prob, smp in zip(problems, samples):
+        conv = [{"role": "user", "content": prob["question"]}]
+        cands = candidate_responses(prob, smp, tok, max_new_tokens)
+        decided = [(i, j, rule_label(cands[i], cands[j], length_rule)) for i in range(len(cands)) for j in range(i + 1, len(cands))]
+        decided = [d for d in decided if d[2] is not None]
+        for i, j, lab in rng.sample(decided, min(pairs_per_problem, len(decided))):
+            if rng.random() < 0.5:
+                i, j, lab = j, i, 1.0 - lab
+            out.append({"conversation": conv, "a": cands[i]["ids"], "b": cands[j]["ids"], "label": lab})
+    return out
+
+
+def pwrm_conversations(pwrm: PairwiseRewardModel, pairs: Sequence[dict]) -> list[list[dict]]:
+    """SFT chats for the PWRM: every labelled pair in BOTH presentation orders."""
+    out = []
+    for q in pairs:
+        out.append(pwrm.messages(q["conversation"], q["a"], q["b"], a_wins=q["label"] > 0.5))
+        out.append(pwrm.messages(q["conversation"], q["b"], q["a"], a_wins=q["label"] <= 0.5))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Summed response log-probs
+
+
+def response_logprobs(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """[B]: sum over each row's valid targets (not -100) of log pi(target), through distill.py's fused CE
+    (no [B, T, V] logits). Differentiable when grad is on; cheap under no_grad."""
+    def head(h_BTD, W_VD):
+        rows = []
+        for b in range(h_BTD.shape[0]):
+            n = int((targets_BT[b] != -100).sum())
+            if n == 0:
+                rows.append(h_BTD.new_zeros((), dtype=torch.float32))
+                continue
+            # fused_ce divides by n_total >= the row's count: ask for n, multiply back
+            rows.append(-fused_ce(h_BTD[b], W_VD, targets_BT[b], n_total=n).float() * n)
+        return torch.stack(rows)
+    return model(inputs_BT, head_fn=head)
+
+
+# -----------------------------------------------------------------------------
+# The online loop
+
+
+@dataclass
+class ODPOConfig:
+    beta: float = 0.1  # beta of the DPO loss (section 8)
+    rescale: bool = True  # divide the loss by beta ("beta-rescaling", section 8); --no-rescale for ablation
+    labels: str = "soft"  # "soft": p from the PWRM; "hard": p rounded to 0/1 (ties dropped), for ablation
+    sample_temperature: float = 0.7  # T of the two samples per prompt (section 8)
+    top_p: float = 1.0  # nucleus of the samples
+    max_new_tokens: int = 48  # length cap of a rollout (also the loop detector's cap)
+    max_prompt_tokens: int = 64  # prompts longer than this are an error; sets seq_len with max_new_tokens
+    pwrm_temperature: Optional[float] = None  # override the PWRM's calibrated temperature
+    eval_prompts: int = 64  # held-out prompts for win rate, accuracy, loop rate, length
+    eval_every_steps: int = 0  # evaluate every N steps during ODPO (0: before and after only)
+
+
+def judge_pairs(pwrm: PairwiseRewardModel, tok, cfg: "ODPOConfig", conversations, a_list, b_list
+                ) -> tuple[list[float], list[bool]]:
+    """(p, keep) per pair: loops decide first (deviation 3), then the PWRM on the think-stripped text."""
+    cap, eos = cfg.max_new_tokens, tok.eos_id
+    p, keep, ask = [0.5] * len(a_list), [True] * len(a_list), []
+    for k, (a, b) in enumerate(zip(a_list, b_list)):
+        la = is_looping(a, eos_id=eos, max_new_tokens=cap)
+        lb = is_looping(b, eos_id=eos, max_new_tokens=cap)
+        if la and lb:
+            keep[k] = False
+        elif la or lb:
+            p[k] = 0.0 if la else 1.0
+        else:
+            ask.append(k)
+    if ask:
+        probs = pwrm.probs([(conversations[k], a_list[k], b_list[k]) for k in ask], cfg.pwrm_temperature)
+        for k, v in zip(ask, probs.tolist()):
+            p[k] = v
+    return p, keep
+
+
+class RolloutLoader:
+    """train.py's loader contract, batch(i) -> (inputs [B, T], targets [B, T]), filled online.
+
+    Micro-batch i on rank r of w holds B/2 prompts (global micro-batch i * w + r, so ranks see different
+    prompts), each with two samples of the current policy. The loss's labels (p, keep) and the reference
+    log-probs are queued for `odpo_loss_fn` (deviation 5)."""
+
+    def __init__(self, policy: Transformer, reference: Transformer, pwrm: PairwiseRewardModel, tok,
+                 prompts: Sequence[list[dict]], cfg: ODPOConfig, micro_batch_size: int, seed: int = 0):
+        if micro_batch_size % 2:
+            raise ValueError(f"micro_batch_size {micro_batch_size} must be even: two responses per prompt")
+        if not prompts:
+            raise ValueError("online DPO needs at least one prompt")
+        if cfg.labels not in ("soft", "hard"):
+            raise ValueError(f"labels must be 'soft' or 'hard', got {cfg.labels!r}")
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (empty generations cannot be judged), got {cfg.max_new_tokens}")
+        check_same_vocab(policy, pwrm, tok)
+        self.prompt_ids = [tok.encode_chat(c)[0] for c in prompts]
+        longest = max(len(p) for p in self.prompt_ids)
+        ctx = min(policy.args.max_seq_len, reference.args.max_seq_len)
+        if longest > cfg.max_prompt_tokens:
+            raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_tokens {cfg.max_prompt_tokens}: "
+                             f"shorten the prompts or raise --max-prompt-tokens")
+        if cfg.max_prompt_tokens + cfg.max_new_tokens > ctx:
+            raise ValueError(f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} is "
+                             f"longer than the context {ctx}: lower --max-prompt-tokens or --max-new-tokens")
+        self.policy, self.reference, self.pwrm, self.tok = policy, reference, pwrm, tok
+        self.prompts, self.cfg, self.B, self.seed = list(prompts), cfg, micro_batch_size, seed
+        self.seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens - 1
+        self.queue: deque = deque()
+        self.stats: list[dict] = []
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, g = self.B // 2, i * self.world + self.rank  # g: the global micro-batch
+        idx = [(g * n + j) % len(self.prompts) for j in range(n)]
+        prompts = [self.prompt_ids[k] for k in idx for _ in range(2)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        samples = generate(self.policy, prompts, self.cfg.max_new_tokens, temperature=self.cfg.sample_temperature,
+                           top_p=self.cfg.top_p, eos_id=self.tok.eos_id, seed=self.seed * 1_000_003 + g)
+        t_gen, c_gen = time.perf_counter() - t0, time.process_time() - c0
+        if any(len(s) == 0 for s in samples):
+            raise ValueError("the policy produced an empty generation: max_new_tokens must be >= 1")
+        convs = [self.prompts[k] for k in idx]
+        p, keep = judge_pairs(self.pwrm, self.tok, self.cfg, convs, samples[0::2], samples[1::2])
+        if self.cfg.labels == "hard":
+            keep = [kp and q != 0.5 for q, kp in zip(p, keep)]
+            p = [float(q > 0.5) for q in p]
+        T = self.seq_len
+        inputs = torch.full((self.B, T), self.tok.pad_id, dtype=torch.long)
+        targets = torch.full((self.B, T), -100, dtype=torch.long)
+        for r, (pr, s) in enumerate(zip(prompts, samples)):
+            row = torch.tensor(pr + s)
+            inputs[r, :len(row) - 1] = row[:-1]
+            targets[r, len(pr) - 1:len(row) - 1] = row[len(pr):]  # only the response's tokens are scored
+        device = self.reference.embed_tokens.weight.device
+        with torch.no_grad():
+            ref = response_logprobs(self.reference, inputs.to(device), targets.to(device)).float().cpu()
+        looping = [is_looping(s, eos_id=self.tok.eos_id, max_new_tokens=self.cfg.max_new_tokens) for s in samples]
+        self.queue.append({"inputs": inputs, "p": torch.tensor(p), "keep": torch.tensor(keep, dtype=torch.float32),
+                           "ref": ref})
+        self.stats.append({"micro_batch": i, "rollout_s": t_gen, "rollout_cpu_s": c_gen, "cpu_clock": c0,
+                           "new_tokens": sum(len(s) for s in samples),
+                           "rollout_tok_s": sum(len(s) for s in samples) / max(t_gen, 1e-9),
+                           "mean_length": float(np.mean([len(s) for s in samples])),
+                           "loop_rate": float(np.mean(looping)), "dropped": int(sum(not k for k in keep)),
+                           "mean_p": float(np.mean(p))})
+        return inputs, targets
+
+
+def odpo_loss_fn(loader: RolloutLoader, cfg: ODPOConfig, pairs_per_step: int):
+    """loss_fn for train(): soft DPO over the micro-batch's pairs / the pair slots of the global step."""
+    def loss_fn(model, inputs_BT, targets_BT, n_total):
+        rec = loader.queue.popleft()
+        if not torch.equal(rec["inputs"], inputs_BT.cpu()):
+            raise RuntimeError("odpo: the loss got a batch the rollout loader did not queue (out of order)")
+        logp = response_logprobs(model, inputs_BT, targets_BT)
+        dev = logp.device
+        ref, p, keep = rec["ref"].to(dev), rec["p"].to(dev), rec["keep"].to(dev)
+        loss = soft_dpo_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], p, cfg.beta, cfg.rescale)
+        with torch.no_grad():  # the implicit reward margin of the preferred response (DPO's rewards/margins)
+            h = (logp[0::2] - ref[0::2]) - (logp[1::2] - ref[1::2])
+            sign = torch.sign(p - 0.5)
+            kept = keep * (sign != 0)
+            loader.stats[-1]["reward_margin"] = float((cfg.beta * h * sign * kept).sum() / kept.sum().clamp(min=1))
+        return (loss * keep).sum() / pairs_per_step
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems: Sequence[dict],
+                    pwrm: PairwiseRewardModel, tok, cfg: ODPOConfig, seed: int = 1234) -> dict:
+    """Exact-answer accuracy, loop rate and mean length (greedy and sampled at T), and the PWRM-judged win
+    rate of the policy's samples against `start_samples` (the starting policy's, same prompts/seeds)."""
+    was = policy.training
+    policy.eval()
+    prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
+    greedy = generate(policy, prompts, cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+    sampled = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.sample_temperature, top_p=cfg.top_p,
+                       eos_id=tok.eos_id, seed=seed)
+    policy.train(was)
+    loops = lambda rs: float(np.mean([is_looping(r, eos_id=tok.eos_id, max_new_tokens=cfg.max_new_tokens) for r in rs]))
+    acc = lambda rs: float(np.mean([D.check_math_answer(tok.decode(r), q["answer"]) for r, q in zip(rs, problems)]))
+    out = {"accuracy_greedy": acc(greedy), "accuracy_sampled": acc(sampled), "loop_rate_greedy": loops(greedy),
+           "loop_rate_sampled": loops(sampled), "mean_length_greedy": float(np.mean([len(r) for r in greedy])),
+           "mean_length_sampled": float(np.mean([len(r) for r in sampled])),
+           "empty_rate_greedy": float(np.mean([not [t for t in r if t != tok.eos_id] for r in greedy])),
+           "greedy_examples": [{"question": q["question"], "answer": q["answer"], "output": tok.decode(r)}
+                               for q, r in zip(problems[:4], greedy[:4])],
+           "samples": sampled}
+    if start_samples is not None:
+        convs = [[{"role": "user", "content": q["question"]}] for q in problems]
+        p, keep = judge_pairs(pwrm, tok, cfg, convs, sampled, start_samples)
+        kept = [q for q, k in zip(p, keep) if k]
+        out["win_rate_vs_start"] = float(np.mean(kept)) if kept else 0.5
+        out["win_rate_pairs"] = len(kept)
+        out["win_rate_hard"] = float(np.mean([q > 0.5 for q in kept]) if kept else 0.5)
+    return out
+
+
+def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardModel, tok, prompts: Sequence[list[dict]],
+             cfg: ODPOConfig, train_cfg: TrainConfig, *, device, eval_problems: Sequence[dict] = (),
+             name: str = "odpo") -> dict:
+    """Online DPO through train.py's loop: `train_cfg.batch_size` responses (= batch_size / 2 prompts)
+    per optimizer step. Evaluates on `eval_problems` before and after (and every eval_every_steps)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("odpo.py runs at world size 1 for now (reading guide, item 7): launch without torchrun")
+    reference.requires_grad_(False)
+    reference.eval()
+    loader = RolloutLoader(policy, reference, pwrm, tok, prompts, cfg, train_cfg.micro_batch_size, seed=train_cfg.seed)
+    train_cfg = dataclasses.replace(train_cfg, seq_len=loader.seq_len,
+                                    eval_every=cfg.eval_every_steps if eval_problems else 0)
+    pairs_per_step = train_cfg.batch_size // 2
+    start = evaluate_policy(reference, None, eval_problems, pwrm, tok, cfg) if eval_problems else None
+    start_samples = start.pop("samples") if start else None
+    if start:
+        start["win_rate_vs_start"] = 0.5  # the starting policy against itself, by definition
+
+    def eval_fn(model):
+        r = evaluate_policy(model, start_samples, eval_problems, pwrm, tok, cfg)
+        r.pop("samples")
+        return r
+
+    result = train(policy, loader, odpo_loss_fn(loader, cfg, pairs_per_step), train_cfg, device=device,
+                   eval_fn=eval_fn if eval_problems else None, name=name,
+                   run_info={"odpo": dataclasses.asdict(cfg), "pwrm_temperature": pwrm.temperature})
+    steps = []
+    accum = len(loader.stats) // max(1, len(result["history"]))
+    for k, h in enumerate(result["history"]):
+        ss = loader.stats[k * accum:(k + 1) * accum]
+        steps.append({**h, "step_s": train_cfg.batch_size * train_cfg.seq_len / h["tokens_per_s"], **{key: float(np.mean([s[key] for s in ss if key in s])) for key in
+                              ("rollout_tok_s", "mean_length", "loop_rate", "mean_p", "reward_margin")},
+                      "dropped": sum(s["dropped"] for s in ss), "rollout_s": sum(s["rollout_s"] for s in ss)})
+    with open(os.path.join(train_cfg.out_dir, "odpo_steps.jsonl"), "w") as f:
+        for s in steps:
+            f.write(json.dumps(s) + "\n")
+    return {"start": start, "evals": result["evals"], "steps": steps, "export": result["export"],
+            "rollout_stats": loader.stats}
+
+
+# -----------------------------------------------------------------------------
+# The offline demo: SFT the smallest cascade child, train + calibrate the PWRM, online DPO (deviation 6)
+
+
+@dataclass
+class ODPOTrainConfig(TrainConfig):
+    """train.py's TrainConfig with the demo's ODPO-stage defaults; out_dir is the demo's root folder."""
+    out_dir: str = dataclasses.field(default="runs/odpo", metadata={"flags": ("--out",)})  # sft/, pwrm/, odpo/ go here
+    steps: int = 60  # ODPO optimizer steps
+    batch_size: int = 16  # responses per ODPO step (two per prompt)
+    micro_batch_size: int = 16  # responses per forward (even)
+    seq_len: int = 0  # set from max_prompt_tokens + max_new_tokens
+    lr: float = 1e-4  # ODPO peak learning rate (1e-3 collapses the demo policy to empty answers: README)
+    warmup_steps: int = 5  # linear warmup
+    weight_decay: float = 0.0  # none: the reference anchors the policy
+    dtype: str = "fp32"  # bf16 on a GPU
+    log_every: int = 5  # progress line every N steps
+
+
+@dataclass
+class DemoConfig:
+    policy: Optional[str] = None  # an SFT-ed policy checkpoint; None = SFT `child` into OUT/sft first
+    child: Optional[str] = None  # the base model to SFT; None = the cascade's smallest child (runs/cascade)
+    pwrm: Optional[str] = None  # a trained PWRM checkpoint (its calibration.json beside); None = train OUT/pwrm
+    tokenizer: Optional[str] = None  # tekken.json; None = the checkpoint's own, else mistral-common's, truncated
+    sft_steps: int = 10  # SFT of the child on math answers (sft.py); short, so the SFT model still rambles and loops
+    sft_lr: float = 1e-3  # SFT peak learning rate
+    pwrm_steps: int = 300  # SFT of the PWRM on labelled pairs, both orders (sft.py)
+    pwrm_lr: float = 1e-3  # PWRM peak learning rate
+    pwrm_problems: int = 192  # problems whose sampled + written answers make the PWRM's training pairs
+    calib_problems: int = 64  # held-out problems for the temperature and the ECE
+    odpo_prompts: int = 256  # prompts the online loop samples from
+    length_rule: str = "correct"  # shorter wins among two correct answers ("correct") or also two wrong ones ("equal")
+    level: str = "mixed"  # data.math_problems level: "mixed" (two-digit, word problems) or "easy" (one-digit sums)
+    record: Optional[str] = None  # also write the results json here (benchmarks/odpo/...)
+
+
+# The smallest child; the short-context one first: it is the one Algorithm 1 carries on, and its context
+# (the parent's) holds the PWRM's prompts, where a small demo's long stage may end at a few hundred tokens.
+CASCADE_CHILDREN = ("runs/cascade/3b/short/model", "runs/cascade/3b/long/model")
+
+
+def _sft_conversations(problems):
+    return [[{"role": "user", "content": q["question"]}, {"role": "assistant", "content": f"The answer is {q['answer']}."}]
+            for q in problems]
+
+
+def _stage_done(path: str) -> Optional[dict]:
+    f = os.path.join(path, "done.json")
+    return json.load(open(f)) if os.path.exists(f) else None
+
+
+@torch.no_grad()
+def sample_answers(model: Transformer, tok, problems, n: int, cfg: ODPOConfig, seed: int) -> list[list[list[int]]]:
+    """n samples at cfg.sample_temperature per problem (the PWRM's training candidates)."""
+    was = model.training
+    model.eval()
+    prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
+    out = [[] for _ in problems]
+    for k in range(n):
+        for s in range(0, len(prompts), 64):
+            rs = generate(model, prompts[s:s + 64], cfg.max_new_tokens, temperature=cfg.sample_temperature,
+                          top_p=cfg.top_p, eos_id=tok.eos_id, seed=seed * 1000 + k * 100 + s)
+            for j, r in enumerate(rs):
+                out[s + j].append(r)
+    model.train(was)
+    return out
+
+
+def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Transformer:
+    """A checkpoint folder through train.build_model, or a .gguf file / fetchable name ("smollm2")
+    through model.load_model (world size 1)."""
+    if os.path.isdir(path):
+        return build_model(path, cfg, device, train=train)
+    model = load_model(path, device=device)
+    if not train:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int):
+    """--tokenizer, else the one a .gguf or checkpoint folder carries, else the shipped Tekken truncated to
+    the model's vocabulary (data.py deviation 2)."""
+    if path is None and not os.path.isdir(model_path):
+        path = resolve_model_path(model_path)  # a GGUF file holds its tokenizer
+    if path is None:
+        return S.load_tokenizer(None, model_path, vocab_size)
+    return D.Tokenizer.from_file(path, vocab_size=None if str(path).endswith(".gguf") else vocab_size)
+
+
+def fitting(problems: Sequence[dict], tok, max_prompt_tokens: int) -> list[dict]:
+    """The problems whose chat prompt fits max_prompt_tokens (the rest are left out, and counted)."""
+    return [q for q in problems
+            if len(tok.encode_chat([{"role": "user", "content": q["question"]}])[0]) <= max_prompt_tokens]
+
+
+def _device_info(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
+    """The offline demo, stage by stage under tcfg.out_dir; finished SFT/PWRM stages are reused."""
+    t_start, cpu_start, commit = time.time(), time.process_time(), _git_commit()  # the code that runs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = tcfg.out_dir
+    sub = lambda name, **kw: dataclasses.replace(tcfg, out_dir=os.path.join(root, name), resume=True, **kw)
+    log = lambda msg: print(f"[odpo demo] {msg}", flush=True)
+    problems = lambda n, seed: D.math_problems(n, seed=seed, level=dcfg.level)
+    splits = {"sft": problems(2048, 10), "pwrm": problems(dcfg.pwrm_problems, 11), "calib": problems(dcfg.calib_problems, 12),
+              "odpo": problems(dcfg.odpo_prompts, 13), "eval": problems(ocfg.eval_prompts, 14)}
+
+    # 1. the SFT-ed policy (Instruct = SFT then online DPO, PAPER.md section 1)
+    policy_path = dcfg.policy
+    if policy_path is None:
+        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
+        if child is None or not os.path.isdir(child):
+            raise FileNotFoundError(f"no base model to SFT: run `python cascade.py` first (it writes "
+                                    f"{CASCADE_CHILDREN[0]}) or pass --child PATH / --policy PATH")
+        policy_path = os.path.join(root, "sft", "model")
+        if _stage_done(os.path.join(root, "sft")) is None:
+            log(f"SFT {child} on {len(splits['sft'])} math answers for {dcfg.sft_steps} steps")
+            cfg = sub("sft", steps=dcfg.sft_steps, lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10),
+                      seq_len=ocfg.max_prompt_tokens + 16, weight_decay=0.1)
+            model = load_policy(child, cfg, device)
+            tok = load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
+            S.run_sft(model, _sft_conversations(splits["sft"]), tok, cfg, S.SFTConfig(truncate=True), device=device,
+                      name="sft")
+            write_json_atomic(os.path.join(root, "sft", "done.json"), {"child": child, "steps": dcfg.sft_steps})
+    ref_cfg = dataclasses.replace(tcfg, out_dir=os.path.join(root, "odpo"))
+    policy = load_policy(policy_path, ref_cfg, device)
+    reference = load_policy(policy_path, ref_cfg, device, train=False)
+    tok = load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
+    for name in ("pwrm", "calib", "odpo", "eval"):  # prompts must fit max_prompt_tokens
+        splits[name] = fitting(splits[name], tok, ocfg.max_prompt_tokens)
+
+    # 2. the PWRM: pairs from the SFT model's own samples + written answers, labelled by the rules
+    pwrm_path = dcfg.pwrm or os.path.join(root, "pwrm", "model")
+    calib_file = os.path.join(root, "pwrm_calibration.json")
+    if dcfg.pwrm is None and _stage_done(os.path.join(root, "pwrm")) is None:
+        log(f"PWRM pairs from {len(splits['pwrm'])} problems ({dcfg.pwrm_steps} SFT steps, both orders)")
+        samples = sample_answers(policy, tok, splits["pwrm"], 2, ocfg, seed=11)
+        pairs = preference_pairs(splits["pwrm"], samples, tok, ocfg.max_new_tokens, seed=11, length_rule=dcfg.length_rule)
+        convs = pwrm_conversations(PairwiseRewardModel(reference, tok), pairs)  # the formatting only
+        longest = max(len(tok.encode_chat(c)[0]) for c in convs)
+        cfg = sub("pwrm", steps=dcfg.pwrm_steps, lr=dcfg.pwrm_lr, warmup_steps=max(1, dcfg.pwrm_steps // 10),
+                  seq_len=min(longest, reference.args.max_seq_len) - 1, weight_decay=0.1)
+        model = load_policy(policy_path, cfg, device)  # same family: initialised from the SFT model
+        S.run_sft(model, convs, tok, cfg, S.SFTConfig(truncate=True), device=device, name="pwrm")
+        write_json_atomic(os.path.join(root, "pwrm", "done.json"),
+                          {"pairs": len(pairs), "examples": len(convs), "a_wins": sum(q["label"] for q in pairs),
+                           "looping_candidates": sum(is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens)
+                                                     for s in samples for r in s)})
+    pwrm = PairwiseRewardModel(load_policy(pwrm_path, ref_cfg, device, train=False), tok)
+    if not os.path.exists(calib_file):
+        log(f"calibrating the PWRM temperature on {len(splits['calib'])} held-out problems")
+        samples = sample_answers(policy, tok, splits["calib"], 2, ocfg, seed=12)
+        pairs = preference_pairs(splits["calib"], samples, tok, ocfg.max_new_tokens, seed=12, length_rule=dcfg.length_rule)
+        calib = pwrm.calibrate([(q["conversation"], q["a"], q["b"]) for q in pairs], [q["label"] for q in pairs])
+        write_json_atomic(calib_file, calib)
+    calib = json.load(open(calib_file))
+    pwrm.temperature = calib["temperature"]
+    log(f"PWRM calibration: {calib}")
+
+    # 3. online DPO on the SFT-ed policy, judged by the PWRM
+    prompts = [[{"role": "user", "content": q["question"]}] for q in splits["odpo"]]
+    result = run_odpo(policy, reference, pwrm, tok, prompts, ocfg, ref_cfg, device=device,
+                      eval_problems=splits["eval"])
+    final = result["evals"][-1]["eval"] if result["evals"] else None
+    sft_eval = result["start"]
+    out = {"what": "odpo.py offline demo: PWRM-judged win rate vs the SFT model, exact-answer accuracy, loop rate",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device_info(device),
+           "torch": torch.__version__, "commit": commit, "command": "python " + " ".join(sys.argv),
+           "wall_s": time.time() - t_start, "process_cpu_s": time.process_time() - cpu_start,
+           "note": "wall time on a shared machine (other jobs running): process CPU time beside it",
+           "policy": policy_path, "pwrm": pwrm_path, "calibration": calib,
+           "problems_used": {k: len(v) for k, v in splits.items()},
+           "config": {"odpo": dataclasses.asdict(ocfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
+           "sft_model": sft_eval, "after_odpo": final, "evals": result["evals"],
+           "odpo_steps": result["steps"]}
+    write_json_atomic(os.path.join(root, "results.json"), out)
+    if dcfg.record:
+        write_json_atomic(dcfg.record, out)
+    log(f"SFT model: {sft_eval}")
+    log(f"after ODPO: {final}")
+    return out
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    tcfg, ocfg, dcfg = configs_from_args([ODPOTrainConfig, ODPOConfig, DemoConfig], argv,
+                                         description="Online DPO with a pairwise reward model (PAPER.md section 8).")
+    print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
+                      "demo": dataclasses.asdict(dcfg)}), flush=True)
+    try:
+        for flag, path in (("--policy", dcfg.policy), ("--child", dcfg.child), ("--pwrm", dcfg.pwrm)):
+            if path is not None and not os.path.exists(resolve_model_path(path)):
+                raise FileNotFoundError(f"{flag} {path!r} is neither a checkpoint folder nor a .gguf file: pass the "
+                                        f"folder a training stage exported (OUT/model) or a fetched model's name")
+        run_demo(tcfg, ocfg, dcfg)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
