@@ -179,6 +179,8 @@ class RolloutWeights:
 
 
 def _rms(x, w, eps):
+    if x.dtype == torch.float32:  # one fused op; the same arithmetic as model.RMSNorm in fp32
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * w  # model.RMSNorm's order
 
 
@@ -199,7 +201,8 @@ class _Engine:
 
     def forward(self, tok_BT, pos_BT, mask_BTS, start, n_keys, slot_t=None):
         """Last-position logits [B, V] (fp32). Keys/values of these T tokens go to cache slots start..;
-        slot_t (a tensor) replaces `start` inside a CUDA graph. Attention reads cache slots [0, n_keys)."""
+        slot_t (a tensor) replaces `start` inside a CUDA graph. Attention reads cache slots [0, n_keys).
+        mask_BTS: bool (True = may attend) or additive float, broadcastable to [B, T, n_keys]."""
         W, a = self.W, self.a
         B, T = tok_BT.shape
         H, K, E = a.n_heads, a.n_kv_heads, a.head_dim
@@ -319,37 +322,47 @@ def rollout(weights: RolloutWeights, prompts: list[list[int]], cfg: RolloutConfi
     logits = logits_nV.repeat_interleave(G, 0)
     lens_N, real_NS = lens.repeat_interleave(G), real_nS.repeat_interleave(G, 0)
 
-    out_tok = torch.full((N, M), cfg.pad_id, dtype=torch.long, device=dev)
-    out_logp = torch.zeros(N, M, dtype=torch.float32, device=dev)
-    length = torch.full((N,), M, dtype=torch.long, device=dev)
-    done_N = torch.zeros(N, dtype=torch.bool, device=dev)
-    rows = torch.arange(N, device=dev)  # original row id of each live row (eager compaction reorders)
+    # Live rows, in the order of the (possibly compacted) cache; `rows` maps them to output rows.
+    rows = torch.arange(N, device=dev)
+    tok_RM = torch.full((N, M), cfg.pad_id, dtype=torch.long, device=dev)
+    logp_RM = torch.zeros(N, M, dtype=torch.float32, device=dev)
+    len_R = torch.full((N,), M, dtype=torch.long, device=dev)
+    done_R = torch.zeros(N, dtype=torch.bool, device=dev)
+    bias_RS = torch.zeros(N, S, device=dev, dtype=weights.dtype).masked_fill(~real_NS, float("-inf"))  # key mask
+    out = [torch.full_like(tok_RM, cfg.pad_id), torch.zeros_like(logp_RM), torch.full_like(len_R, M),
+           torch.zeros_like(done_R)]
+
+    def flush(idx):  # finished (or all remaining) live rows -> the outputs
+        for o, src in zip(out, (tok_RM, logp_RM, len_R, done_R)):
+            o[rows[idx]] = src[idx]
+
     graph = None
     if dev.type == "cuda" and cfg.cuda_graph and M > 1:
         graph = _DecodeGraph(eng, real_NS, S)
     for i in range(M):
         tok_B, logp_B = _pick(logits, cfg, gen)
-        out_tok[rows, i] = tok_B
-        out_logp[rows, i] = logp_B
+        tok_RM[:, i] = tok_B
+        logp_RM[:, i] = logp_B
         if cfg.eos_id is not None:
-            ended = (tok_B == cfg.eos_id) & ~done_N[rows]
-            length[rows[ended]] = i + 1
-            done_N[rows] |= ended
-            if (graph is None or i % cfg.sync_every == cfg.sync_every - 1) and bool(done_N.all()):
+            ended = (tok_B == cfg.eos_id) & ~done_R
+            len_R = torch.where(ended, i + 1, len_R)
+            done_R |= ended
+            if (graph is None or i % cfg.sync_every == cfg.sync_every - 1) and bool(done_R.all()):
                 break
         if i == M - 1:
             break
         if graph is not None:
             logits = graph(tok_B, lens_N + i, P + i)
             continue
-        live = ~done_N[rows]
-        if cfg.compact and cfg.eos_id is not None and int(live.sum()) * 2 <= rows.numel():
-            keep = live.nonzero()[:, 0]
+        if cfg.compact and cfg.eos_id is not None and 2 * int(done_R.sum()) >= rows.numel():
+            flush(done_R.nonzero()[:, 0])
+            keep = (~done_R).nonzero()[:, 0]
             eng.keep_rows(keep)
-            rows, tok_B = rows[keep], tok_B[keep]
-        B = rows.numel()
-        mask_B1S = (real_NS[rows, :P + i + 1])[:, None, :]
-        logits = eng.forward(tok_B[:, None], (lens_N[rows] + i)[:, None], mask_B1S, P + i, P + i + 1)
+            rows, tok_B, lens_N, bias_RS = rows[keep], tok_B[keep], lens_N[keep], bias_RS[keep]
+            tok_RM, logp_RM, len_R, done_R = tok_RM[keep], logp_RM[keep], len_R[keep], done_R[keep]
+        logits = eng.forward(tok_B[:, None], (lens_N + i)[:, None], bias_RS[:, None, :P + i + 1], P + i, P + i + 1)
+    flush(torch.arange(rows.numel(), device=dev))
+    out_tok, out_logp, length, done_N = out
     # Everything after a row's EOS is padding (the static CUDA-graph batch kept sampling finished rows).
     after = torch.arange(M, device=dev)[None, :] >= length[:, None]
     out_tok.masked_fill_(after, cfg.pad_id)
