@@ -31,13 +31,19 @@ Deviations from the paper / reference code, and why:
  5. Packing: documents are concatenated as BOS + text + EOS and cut into non-overlapping windows;
     attention is not masked at document boundaries (standard packing), only the EOS -> next BOS
     target is ignored.
+ 7. GGUF tokenizers: a GPT-2-style byte-level BPE (`tokenizer.ggml.model` gpt2) is rebuilt on tiktoken
+    from the file's tokens and merges, with rank = id - (leading control tokens), which is exact when
+    the ids follow the merge order (checked on load; SmolLM2's do). Its chat format is ChatML. Bytes the
+    vocabulary lacks (21 control/invalid bytes in SmolLM2) encode as the unknown id. The "smollm"
+    pre-tokenizer (digits split off one by one) is one tiktoken pattern; transformers 5.23's GGUF
+    loader ignores it and uses the plain GPT-2 split (ids differ around digits after runs of spaces).
  6. Post-training data: the paper's SFT/RL sets are unpublished. `qa_pairs` and `math_problems` are
     small seeded stand-ins with exact answers (docstring Q/A; arithmetic and word problems checked
     by `check_math_answer`, the verifiable reward of section 8).
 
 Run: `python data.py stats` (embedded corpus size), `python data.py prepare --vocab-size 8192 --out
 out/tokens` (tokenize + shard the embedded corpus; add FILES... for your own text).
-Depends on: nothing in the project (torch, numpy, tiktoken and the standard library).
+Depends on: nothing in the project (torch, numpy, tiktoken, the standard library; gguf for .gguf files).
 """
 
 from __future__ import annotations
@@ -109,19 +115,22 @@ def default_tekken_path() -> str:
 
 
 def resolve_tekken_path(path: Optional[str | os.PathLike] = None) -> str:
-    """A tekken.json path from a file, a checkpoint folder holding `tekken.json`, or None (default)."""
+    """A tokenizer file from a tekken.json or .gguf file, a checkpoint folder holding `tekken.json` or
+    `tokenizer.gguf`, or None (the shipped Tekken)."""
     if path is None:
         return default_tekken_path()
     path = os.fspath(path)
     if os.path.isdir(path):
         inner = os.path.join(path, "tekken.json")
         if not os.path.isfile(inner):
-            raise FileNotFoundError(
-                f"no tekken.json in folder {path}: copy the checkpoint's tekken.json there or pass the file itself")
+            inner = os.path.join(path, GGUF_TOKENIZER)
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"no tekken.json or {GGUF_TOKENIZER} in folder {path}: copy the checkpoint's "
+                                    "tokenizer file there or pass the file itself")
         return os.path.abspath(inner)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist: "
-                                "pass a tekken.json file or a folder holding one")
+                                "pass a tekken.json or .gguf file, or a folder holding one")
     return os.path.abspath(path)
 
 
@@ -163,32 +172,120 @@ def _read_tekken(path: str, stamp: tuple) -> dict:
                 specials=tuple(names), sha256=hashlib.sha256(raw).hexdigest())
 
 
+def _read_vocab(path: str, stamp: tuple) -> dict:
+    return _read_gguf_vocab(path, stamp) if path.endswith(".gguf") else _read_tekken(path, stamp)
+
+
 @functools.lru_cache(maxsize=8)
 def _bpe(path: str, stamp: tuple, n_ranks: int) -> tiktoken.Encoding:
-    vocab = _read_tekken(path, stamp)["vocab"]
+    info = _read_vocab(path, stamp)
     ranks: dict[bytes, int] = {}
-    for i, entry in enumerate(vocab[:n_ranks]):
-        try:
-            b, rank = base64.b64decode(entry["token_bytes"]), entry["rank"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: vocab entry {i} needs 'rank' and base64 'token_bytes'; "
-                             "the file is corrupt, re-download it") from None
-        if rank != i or (i < 256 and b != bytes([i])):
-            raise ValueError(f"{path}: vocab entry {i} has rank {rank} / bytes {b!r}; ranks must run 0..N-1 "
-                             "with the 256 raw bytes first")
-        ranks[b] = i
-    if len(ranks) != n_ranks:
-        raise ValueError(f"{path}: duplicate token bytes among the first {n_ranks} ranks")
+    if "token_bytes" in info:  # GGUF: bytes already decoded and checked by _read_gguf_vocab
+        for i, b in enumerate(info["token_bytes"][:n_ranks]):
+            ranks[b] = i
+        # Bytes the vocabulary lacks (SmolLM2 has 235 of 256) get ranks past the vocabulary, so tiktoken
+        # can still split any text; Tokenizer maps those ranks to the unknown id (deviation 7).
+        for b in range(256):
+            ranks.setdefault(bytes([b]), len(ranks))
+    else:
+        for i, entry in enumerate(info["vocab"][:n_ranks]):
+            try:
+                b, rank = base64.b64decode(entry["token_bytes"]), entry["rank"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: vocab entry {i} needs 'rank' and base64 'token_bytes'; "
+                                 "the file is corrupt, re-download it") from None
+            if rank != i or (i < 256 and b != bytes([i])):
+                raise ValueError(f"{path}: vocab entry {i} has rank {rank} / bytes {b!r}; ranks must run 0..N-1 "
+                                 "with the 256 raw bytes first")
+            ranks[b] = i
+        if len(ranks) != n_ranks:
+            raise ValueError(f"{path}: duplicate token bytes among the first {n_ranks} ranks")
     # Specials never enter tiktoken: text is always encoded as plain text (see Tokenizer.encode).
-    return tiktoken.Encoding(name=os.path.basename(path), pat_str=_read_tekken(path, stamp)["pattern"],
+    return tiktoken.Encoding(name=os.path.basename(path), pat_str=info["pattern"],
                              mergeable_ranks=ranks, special_tokens={})
 
 
+# -- GPT-2-style byte-level BPE from a GGUF file's metadata (deviation 7) ---------------------------
+
+GGUF_TOKENIZER = "tokenizer.gguf"  # the name a checkpoint folder gives its GGUF tokenizer file
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# llama.cpp's "smollm" pre-tokenizer splits every digit off first, then runs the GPT-2 split on what is
+# left. One tiktoken pattern does both: digits alone first, and a whitespace run may end before a
+# digit as it would at the end of a piece (the lookahead `(?![^\s\p{N}])` instead of `(?!\S)`).
+_SMOLLM_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+GGUF_PRE_SPLITS = {"smollm": _SMOLLM_SPLIT, "gpt-2": _GPT2_SPLIT, "default": _GPT2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's printable spelling of the 256 bytes, reversed (char -> byte)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(extra)}}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_vocab(path: str, stamp: tuple) -> dict:
+    """The tokenizer a GGUF file describes, checked to be one tiktoken can run exactly: leading control
+    tokens, then byte tokens, then one token per merge in merge order (so tiktoken rank = id - specials)."""
+    import gguf  # imported here: ~0.5 s (it pulls in mistral-common), and only .gguf tokenizers need it
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as e:  # the reader raises ValueError/struct.error/... on truncated or foreign files
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is truncated or "
+                         "corrupt; fetch it again") from None
+    get = lambda k, d=None: fields[k].contents() if k in fields else d
+    kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only GPT-2-style byte-level BPE ('gpt2') "
+                         "GGUF tokenizers are supported")
+    if pre not in GGUF_PRE_SPLITS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (known: {', '.join(GGUF_PRE_SPLITS)})")
+    tokens, types, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"), get("tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise ValueError(f"{path}: no tokenizer.ggml.tokens / merges: the file carries no BPE tokenizer")
+    types = types or [1] * len(tokens)
+    n_special = next((i for i, t in enumerate(types) if t != _CONTROL), len(types))
+    if any(t in (_CONTROL, _USER_DEFINED) for t in types[n_special:]):
+        raise ValueError(f"{path}: control or user-defined tokens after the first ordinary one; this loader "
+                         "supports vocabularies whose control tokens come first")
+    char_byte = _byte_of_char()
+    try:
+        token_bytes = [bytes(char_byte[c] for c in t) for t in tokens[n_special:]]
+    except KeyError as e:
+        raise ValueError(f"{path}: token spelled with {e.args[0]!r}, outside the byte-level alphabet") from None
+    first_merge = len(tokens) - len(merges)
+    index = {t: i for i, t in enumerate(tokens)}
+    for k, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        if index.get(a + b) != first_merge + k:
+            raise ValueError(f"{path}: merge {k} ({m!r}) does not make token {first_merge + k}: the vocabulary is "
+                             "not in merge order, which this loader needs (tiktoken ranks = ids)")
+    if any(len(b) != 1 for b in token_bytes[: first_merge - n_special]):
+        raise ValueError(f"{path}: the tokens before the first merge are not all single bytes")
+    digest = hashlib.sha256(json.dumps([kind, pre, list(tokens), list(merges), list(types)]).encode()).hexdigest()
+    template = get("tokenizer.chat_template", "") or ""
+    system = re.search(r"'<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
+    return dict(pattern=GGUF_PRE_SPLITS[pre], token_bytes=token_bytes, n_special=n_special,
+                default_vocab_size=len(tokens), version=f"gguf-{kind}-{pre}", specials=tuple(tokens[:n_special]),
+                sha256=digest, bos=get("tokenizer.ggml.bos_token_id"), eos=get("tokenizer.ggml.eos_token_id"),
+                pad=get("tokenizer.ggml.padding_token_id"), unk=get("tokenizer.ggml.unknown_token_id", 0),
+                add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
+                chat_format="chatml" if "<|im_start|>" in template else None,
+                chat_system=system.group(1) if system else None)
+
+
 class Tokenizer:
-    """Tekken: ids 0..n_special-1 are control tokens, id = BPE rank + n_special otherwise."""
+    """ids 0..n_special-1 are control tokens, id = BPE rank + n_special otherwise (Tekken, and the GGUF
+    byte-level BPEs whose control tokens come first, such as SmolLM2's).
+
+    chat_format: "v13" (Tekken's [INST] format) or "chatml" (`<|im_start|>role\n...<|im_end|>\n`), chosen
+    by the file; `encode_chat` gives the same (ids, mask) contract for both."""
 
     def __init__(self, path: str, bpe: tiktoken.Encoding, specials: tuple, vocab_size: int, version: str,
-                 file_sha256: str):
+                 file_sha256: str, *, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                 pad_id: Optional[int] = None, unk_id: Optional[int] = None, chat_format: str = "v13",
+                 chat_system: Optional[str] = None):
         self.path, self.version, self.vocab_size = path, version, vocab_size
         self.n_special = len(specials)
         self.specials = specials
@@ -197,24 +294,40 @@ class Tokenizer:
         self.file_hash = hashlib.sha256(f"{file_sha256}:vocab_size={vocab_size}".encode()).hexdigest()
         self._bpe = bpe
         self._special_ids = {name: i for i, name in enumerate(specials)}
-        self.bos_id = self.special_id("<s>")
-        self.eos_id = self.special_id("</s>")
-        self.pad_id = self.special_id("<pad>")
+        self.bos_id = self.special_id("<s>") if bos_id is None else bos_id
+        self.eos_id = self.special_id("</s>") if eos_id is None else eos_id
+        self.pad_id = self.special_id("<pad>") if pad_id is None else pad_id
+        self.unk_id = 0 if unk_id is None else unk_id  # only reached for bytes a GGUF vocabulary lacks
+        if chat_format not in ("v13", "chatml"):
+            raise ValueError(f"chat_format must be 'v13' or 'chatml', got {chat_format!r}")
+        self.chat_format = chat_format
+        self.chat_system = chat_system  # ChatML: the system turn the template adds when a chat has none
 
     @classmethod
     def from_file(cls, path: Optional[str | os.PathLike] = None, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """From a tekken.json, a .gguf file (its tokenizer metadata), or a folder holding either."""
         path = resolve_tekken_path(path)
         st = os.stat(path)
         stamp = (st.st_mtime_ns, st.st_size)
-        info = _read_tekken(path, stamp)
+        info = _read_vocab(path, stamp)
         n_special = info["n_special"]
-        full = min(info["default_vocab_size"], n_special + len(info["vocab"]))
+        n_ordinary = len(info["token_bytes"]) if "token_bytes" in info else len(info["vocab"])
+        full = min(info["default_vocab_size"], n_special + n_ordinary)
         vocab_size = full if vocab_size is None else int(vocab_size)
-        if not n_special + 256 <= vocab_size <= full:
-            raise ValueError(f"vocab_size {vocab_size} for {path} must lie in [{n_special + 256}, {full}] "
-                             f"({n_special} special ids + at least the 256 byte tokens)")
+        n_bytes = 256 if "vocab" in info else sum(len(b) == 1 for b in info["token_bytes"])
+        if not n_special + n_bytes <= vocab_size <= full:
+            raise ValueError(f"vocab_size {vocab_size} for {path} must lie in [{n_special + n_bytes}, {full}] "
+                             f"({n_special} special ids + at least the {n_bytes} byte tokens)")
         bpe = _bpe(path, stamp, vocab_size - n_special)
-        return cls(path, bpe, info["specials"], vocab_size, info["version"], info["sha256"])
+        if "vocab" in info:
+            return cls(path, bpe, info["specials"], vocab_size, info["version"], info["sha256"])
+        return cls(path, bpe, info["specials"], vocab_size, info["version"], info["sha256"], bos_id=info["bos"],
+                   eos_id=info["eos"], pad_id=info["pad"], unk_id=info["unk"],
+                   chat_format=info["chat_format"] or "chatml", chat_system=info["chat_system"])
+
+    def _ids(self, ranks: list[int]) -> list[int]:
+        n, top = self.n_special, self.vocab_size - self.n_special
+        return [r + n if r < top else self.unk_id for r in ranks]  # ranks >= top: bytes the vocab lacks
 
     def special_id(self, name: str) -> int:
         if name not in self._special_ids:
@@ -226,7 +339,7 @@ class Tokenizer:
     # into ordinary byte-level tokens and never becomes a control id, so user text cannot forge turn
     # markers; control ids come only from bos/eos here and from encode_chat. (Same as mistral-common.)
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = [t + self.n_special for t in self._bpe.encode_ordinary(text)]
+        ids = self._ids(self._bpe.encode_ordinary(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     # Decode policy for control ids: "ignore" drops them (the default, as mistral-common), "keep" writes
@@ -257,14 +370,60 @@ class Tokenizer:
         """Raw bytes of one ordinary token (for streaming decoders); control ids give b''."""
         return b"" if i < self.n_special else self._bpe.decode_single_token_bytes(i - self.n_special)
 
-    # -- chat format, tokenizer v13 (section 7) --------------------------------------------------
+    # -- chat formats: v13 (Tekken, section 7) and ChatML (GGUF files whose template uses it) -------
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """`<s>[SYSTEM_PROMPT]s[/SYSTEM_PROMPT][INST]u[/INST][THINK]t[/THINK]a</s>...` and its loss mask.
+        """A chat as ids and its loss mask, in the tokenizer's own chat format.
 
-        mask[i] = 1 where ids[i] is produced by the assistant ([THINK], the trace, [/THINK], the answer
-        and its `</s>`), 0 for BOS, system and user tokens. Training on next-token targets uses
-        ids[1:] with mask[1:]. A conversation ending in a user turn is a generation prompt (mask all 0).
+        mask[i] = 1 where ids[i] is produced by the assistant (the answer, its end-of-turn token, and in
+        v13 the [THINK] trace), 0 for everything else. Training on next-token targets uses ids[1:] with
+        mask[1:]. A conversation ending in a user turn is a generation prompt (mask all 0): the ids end
+        where the assistant's first token goes, and generation stops at `eos_id`.
         """
+        if self.chat_format == "chatml":
+            return self._encode_chatml(messages)
+        return self._encode_v13(messages)
+
+    def _encode_chatml(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """`<|im_start|>role\ncontent<|im_end|>\n` per message, as the file's template renders it (each
+        message its own turn, the template's default system turn first when the chat has none), ending
+        with `<|im_start|>assistant\n` when the last message is not the assistant's. Text between control
+        tokens is encoded in one piece, as transformers' apply_chat_template does; an answer token that
+        straddles the `assistant\n` header counts as the answer's."""
+        if not messages:
+            raise ValueError("encode_chat got no messages")
+        start, end = self.special_id("<|im_start|>"), self.special_id("<|im_end|>")
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"message {k} must be a dict with role system, user or assistant, got {m!r}")
+            if not isinstance(m.get("content") or "", str):
+                raise ValueError(f"message {k}: 'content' must be a string")
+            if m.get("thinking") is not None:
+                raise ValueError(f"message {k}: this ChatML tokenizer has no thinking tokens; put the trace in 'content'")
+        if messages[0]["role"] != "system" and self.chat_system is not None:
+            messages = [{"role": "system", "content": self.chat_system}, *messages]
+        ids, mask = [], []
+        for m in messages:
+            head = f"{m['role']}\n"
+            ranks = self._bpe.encode_ordinary(head + (m.get("content") or ""))
+            part = [start, *self._ids(ranks), end]
+            bits = [0] * len(part)
+            if m["role"] == "assistant":
+                seen = 0
+                for j, r in enumerate(ranks):  # mask tokens that end past the header
+                    seen += len(self._bpe.decode_single_token_bytes(r))
+                    bits[1 + j] = int(seen > len(head.encode()))
+                bits[-1] = 1  # <|im_end|> ends the answer: the model must learn to stop
+            nl = self._ids(self._bpe.encode_ordinary("\n"))
+            ids += part + nl
+            mask += bits + [0] * len(nl)
+        if messages[-1]["role"] != "assistant":
+            gen = [start, *self._ids(self._bpe.encode_ordinary("assistant\n"))]
+            ids += gen
+            mask += [0] * len(gen)
+        return ids, mask
+
+    def _encode_v13(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """`<s>[SYSTEM_PROMPT]s[/SYSTEM_PROMPT][INST]u[/INST][THINK]t[/THINK]a</s>...`"""
         ids, mask = [self.bos_id], [0]
         for role, content, thinking in _chat_turns(messages):
             if role == "system":
@@ -461,7 +620,7 @@ def tokenize_documents(docs: list[str], tok: Tokenizer) -> np.ndarray:
     body = np.ones(out.size, dtype=bool)
     body[starts] = body[ends - 1] = False
     flat = np.fromiter(itertools.chain.from_iterable(ranks), dtype=np.uint32, count=out.size - 2 * len(ranks))
-    out[body] = flat + tok.n_special
+    out[body] = np.where(flat < tok.vocab_size - tok.n_special, flat + tok.n_special, tok.unk_id)
     out[starts], out[ends - 1] = tok.bos_id, tok.eos_id
     return out
 

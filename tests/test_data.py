@@ -116,7 +116,7 @@ def test_special_policies(tok):
 def test_bad_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         data.Tokenizer.from_file(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match="no tekken.json in folder"):
+    with pytest.raises(FileNotFoundError, match="no tekken.json or tokenizer.gguf in folder"):
         data.Tokenizer.from_file(tmp_path)
     bad = tmp_path / "tekken.json"
     bad.write_text('{"config": {"pattern": "x", "default_vocab')

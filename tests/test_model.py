@@ -308,8 +308,8 @@ def test_missing_key_and_unknown_model_type(ckpt):
     with pytest.raises(CheckpointError, match="missing tensor.*norm.weight"):
         M.load_model(str(path))
     cfg = json.load(open(path / "config.json"))
-    json.dump(cfg | {"model_type": "llama"}, open(path / "config.json", "w"))
-    with pytest.raises(CheckpointError, match="model_type 'llama' is not supported"):
+    json.dump(cfg | {"model_type": "gpt2"}, open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported"):
         M.load_model(str(path))
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

@@ -1,0 +1,762 @@
+"""Supervised fine-tuning on chat data: next-token cross-entropy, or (the paper's choice) forward-KL
+logit distillation from a stronger teacher, on the assistant's tokens only; optional FP8 linears.
+
+Reading guide
+-------------
+Concept: PAPER.md section 8. SFT is the first post-training step. The paper trains it in fp8 and
+replaces plain next-token cross-entropy by logit distillation from a stronger teacher on the same chat
+data; for the 3B reasoning model plain SFT gave repetition and endless generations, distillation did
+not. The loss covers only what the assistant produces (its answer, its `[THINK]...[/THINK]` trace and
+its `</s>`), position by position: a token is trained when its TARGET is an assistant token.
+
+The interface others code against (odpo.py, grpo.py start from an SFT-ed model; their reward models
+are trained by SFT):
+    sft_loss(student, ids, mask, teacher=None, temperature=1.0) -> scalar
+        ids, mask: [B, T] int64 tensors from `chat_batch` (data.Tokenizer.encode_chat, padded; mask 1 =
+        a token the assistant produces). Positions t with mask[:, t+1] = 1 are trained, averaged over
+        them. No teacher: next-token CE; a teacher: forward KL(p_T || p_S) there, both logit sets
+        divided by T, no T^2 (distill.py's convention). Through distill.py's fused losses: no [B, T, V].
+    chat_batch(examples, pad_id, length=None) -> (ids_BL, mask_BL)
+    encode_conversations(conversations, tok, max_tokens, truncate=False) -> (examples, stats)
+    SFTConfig (dataclass), ChatLoader(examples, batch_size, seq_len, pad_id, seed, rank, world_size)
+    run_sft(student, conversations, tok, train_cfg, sft_cfg, teacher=None, *, device, eval_fn=None,
+            name="sft") -> dict   (train.train's result dict, plus "data": the encoding stats)
+    read_conversations(path, on_bad_line="stop") -> (conversations, bad_lines)
+    answer_eval(model, tok, items, check, max_new_tokens, batch_size=32) -> dict (accuracy, loop rate)
+
+Sections: config, data (jsonl, encoding, batching, the loader), the loss, the training entry point,
+FP8 linears, evaluation by generation, the demo, the command line (train, demo, --chat).
+
+Deviations from the paper / choices where it is silent:
+ 1. One conversation per row, right-padded to the row length (no packing across conversations, so no
+    attention leaks between them). Padding is masked out of the loss; train.py's tokens/s counts it.
+ 2. A conversation longer than the row (seq_len + 1 tokens) is an error naming it, or with
+    `--truncate` is cut to its first seq_len + 1 tokens; one left with no assistant token is dropped
+    (counted in the stats).
+ 3. The teacher must share the student's vocabulary (distill.check_vocab: one clear error otherwise);
+    it may be larger, wider or deeper. It runs under no_grad in the compute dtype.
+ 4. FP8 (`--fp8`): every nn.Linear inside the decoder blocks computes its forward in float8 e4m3 with
+    one dynamic scale per tensor (amax / 448), through torch._scaled_mm, output bf16; the backward is
+    bf16 (gradients of e4m3 forwards, as in the paper's "fp8 training" the format of the backward is
+    not stated; e5m2 gradients are left for later). Master weights stay fp32 parameters; the lm_head is
+    not converted because the fused loss reads its weight directly. Where _scaled_mm with e4m3 is not
+    available (the CPU, GPUs before compute capability 8.9) it prints one line and trains in bf16.
+ 5. Vision (ViT frozen, projector trained) is not done here: vision.py is another issue.
+ 6. Loop / endless-generation detection (PAPER.md section 8, ours): a response that hits the token
+    cap without `</s>` is "endless"; one whose tail repeats a period of P <= 32 tokens at least 4 times
+    over at least `loop_min_tokens` tokens is "looping" (64 in the paper text; the demo's short answers
+    use 24 so that it can fire at all).
+
+Run: `python sft.py --data chats.jsonl --student CKPT [--teacher CKPT] --out DIR` (SFT, KL when a
+teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first);
+`python sft.py --chat CKPT` (talk to a checkpoint). `python -m pytest tests/test_sft.py -q`.
+Depends on: model.py, data.py, distill.py, train.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
+from model import Transformer, flops_per_token, generate, load_model, read_checkpoint_args
+from train import (TrainConfig, build_model, configs_from_args, setup_distributed, teardown_distributed, train,
+                   write_json_atomic)
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class SFTConfig:
+    temperature: float = 1.0  # T of the KL (section 5 convention: both logit sets / T, no T^2)
+    chunk_size: Optional[int] = None  # tokens per fused-loss chunk; None = distill.py's choice
+    truncate: bool = False  # cut conversations longer than seq_len + 1 tokens instead of refusing them
+    on_bad_line: str = "stop"  # malformed jsonl line: "stop" (error naming the line) or "skip" (report, go on)
+    fp8: bool = False  # float8 e4m3 forward for the block linears (section 8); bf16 where unsupported
+    loop_min_tokens: int = 64  # loop detection: the repeated tail must span at least this many tokens
+
+
+# -----------------------------------------------------------------------------
+# Data: jsonl conversations, encoding, batching, the loader
+
+
+def as_messages(conv, where: str = "conversation") -> list:
+    """A conversation is a list of {role, content[, thinking]} messages, or a dict holding one under
+    'messages' (the usual jsonl form)."""
+    if isinstance(conv, dict):
+        if "messages" not in conv:
+            raise ValueError(f"{where}: an object without a 'messages' list")
+        conv = conv["messages"]
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    return conv
+
+
+def read_conversations(path: str, on_bad_line: str = "stop", tok: Optional[D.Tokenizer] = None) -> tuple[list, list]:
+    """Conversations from a jsonl file, one {"messages": [...]} object per line (blank lines skipped).
+    A malformed line (bad JSON, no messages, a message encode_chat refuses when `tok` is given) raises
+    ValueError naming `path:line` with on_bad_line="stop"; with "skip" it is left out and reported in
+    the returned list of (line number, reason)."""
+    if on_bad_line not in ("stop", "skip"):
+        raise ValueError(f"on_bad_line must be 'stop' or 'skip', got {on_bad_line!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"conversation file {path!r} does not exist: pass a .jsonl file with one "
+                                f'{{"messages": [...]}} object per line')
+    convs, bad = [], []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                msgs = as_messages(obj, "line")
+                if tok is not None:
+                    tok.encode_chat(msgs)
+                if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+                    raise ValueError("no assistant message: nothing to train on")
+                convs.append(obj)
+            except ValueError as e:
+                reason = str(e).removeprefix("line: ")
+                if on_bad_line == "stop":
+                    raise ValueError(f"{path}:{lineno}: {reason}; fix the line or pass --on-bad-line skip") from None
+                bad.append((lineno, reason))
+    if bad:
+        print(f"sft: skipped {len(bad)} malformed line(s) of {path}: "
+              + "; ".join(f"line {n}: {r}" for n, r in bad[:10]) + (" ..." if len(bad) > 10 else ""), file=sys.stderr)
+    return convs, bad
+
+
+def encode_conversations(conversations: list, tok, max_tokens: int, truncate: bool = False) -> tuple[list, dict]:
+    """[(ids, mask)] lists from tok.encode_chat, each at most max_tokens long (= seq_len + 1: a row of
+    seq_len inputs and their seq_len targets). Longer ones raise, or with truncate are cut to their
+    first max_tokens tokens; conversations left without an assistant target are dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for k, conv in enumerate(conversations):
+        ids, mask = tok.encode_chat(as_messages(conv, f"conversation {k}"))
+        if len(ids) > max_tokens:
+            if not truncate:
+                raise ValueError(f"conversation {k} has {len(ids)} tokens, longer than the context of {max_tokens} "
+                                 f"(seq_len + 1): raise --seq-len (up to the model's max_seq_len) or pass --truncate")
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+            truncated += 1
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        examples.append((ids, mask))
+    if not examples:
+        raise ValueError(f"no conversation left with an assistant token to train on ({dropped} dropped after "
+                         f"truncation to {max_tokens} tokens): raise --seq-len")
+    n_tokens = sum(len(i) for i, _ in examples)
+    return examples, {"conversations": len(conversations), "examples": len(examples), "truncated": truncated,
+                      "dropped": dropped, "tokens": n_tokens,
+                      "assistant_targets": sum(sum(m[1:]) for _, m in examples)}
+
+
+def chat_batch(examples: list, pad_id: int, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, mask [B, L] int64: each (ids, mask) pair right-padded with pad_id / 0 to L (default: the longest)."""
+    L = max(len(i) for i, _ in examples) if length is None else length
+    ids_BL = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros(len(examples), L, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        if len(ids) > L:
+            raise ValueError(f"example {b} has {len(ids)} tokens, more than the batch length {L}")
+        ids_BL[b, :len(ids)] = torch.tensor(ids)
+        mask_BL[b, :len(mask)] = torch.tensor(mask)
+    return ids_BL, mask_BL
+
+
+def shift(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs [B, L-1] and next-token targets [B, L-1], -100 where the target is not an assistant token."""
+    return ids_BL[:, :-1], ids_BL[:, 1:].masked_fill(mask_BL[:, 1:] == 0, -100)
+
+
+class ChatLoader:
+    """train.py's loader contract for chats: batch(i) -> (inputs, targets) [B, seq_len], stateless in
+    (seed, i, rank, world_size). Global row k = (i * world + rank) * B + j reads example perm_e[k % n] of
+    epoch e = k // n (a fresh permutation per epoch)."""
+
+    def __init__(self, examples: list, batch_size: int, seq_len: int, pad_id: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        if any(len(i) > seq_len + 1 for i, _ in examples):
+            raise ValueError(f"an example is longer than seq_len + 1 = {seq_len + 1}: encode with that max_tokens")
+        self.examples, self.B, self.T, self.pad_id = examples, batch_size, seq_len, pad_id
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world_size, shuffle
+        self._perms: dict = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            n = len(self.examples)
+            self._perms[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                                  else np.arange(n))
+        return self._perms[epoch]
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.examples)
+        rows = []
+        for j in range(self.B):
+            k = (i * self.world + self.rank) * self.B + j
+            rows.append(self.examples[int(self._perm(k // n)[k % n])])
+        return shift(*chat_batch(rows, self.pad_id, self.T + 1))
+
+
+# -----------------------------------------------------------------------------
+# The loss (section 8 on section 5's fused losses)
+
+
+def sft_loss(student: Transformer, ids: torch.Tensor, mask: torch.Tensor, teacher: Optional[Transformer] = None,
+             temperature: float = 1.0, *, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Mean over the positions whose target is an assistant token of next-token CE (no teacher) or of
+    KL(p_T || p_S) at temperature T (teacher). ids, mask: [B, L]. Never builds [B, L, V] logits."""
+    if ids.shape != mask.shape or ids.dim() != 2:
+        raise ValueError(f"ids and mask must both be [B, T]; got {tuple(ids.shape)} and {tuple(mask.shape)}")
+    if teacher is not None:
+        check_vocab(student, teacher)
+    inputs_BT, targets_BT = shift(ids, mask)
+    n = max(int((targets_BT != -100).sum()), 1)
+    cfg = DistillConfig(temperature=temperature, chunk_size=chunk_size)
+    return loss_fn_for(teacher, cfg)(student, inputs_BT, targets_BT, n)
+
+
+def loss_fn_for(teacher: Optional[Transformer], cfg: DistillConfig) -> Callable:
+    """train.py's loss_fn(model, inputs, targets, n_total): distill.py's fused KL to the teacher over the
+    targets that are not -100 (the assistant's), or its fused CE without a teacher."""
+    return ce_loss_fn(cfg) if teacher is None else kl_loss_fn(teacher, cfg)
+
+
+# -----------------------------------------------------------------------------
+# Training entry point: train.py's one loop
+
+
+def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConfig, sft_cfg: SFTConfig,
+            teacher: Optional[Transformer] = None, *, device, eval_fn: Optional[Callable] = None,
+            name: str = "sft") -> dict:
+    """SFT `student` on `conversations` through train.train (the model must already be built/parallelized,
+    e.g. with train.build_model). KL to `teacher` when given, else CE. Rows are train_cfg.seq_len tokens;
+    train_cfg.steps x batch_size conversations are read (epochs wrap). Returns train()'s dict plus
+    "data" (encoding stats) and "fp8" (whether FP8 linears were used)."""
+    if train_cfg.seq_len > student.args.max_seq_len:
+        raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the student's context max_seq_len "
+                         f"{student.args.max_seq_len}: lower --seq-len")
+    if teacher is not None:
+        check_vocab(student, teacher)
+        if train_cfg.seq_len > teacher.args.max_seq_len:
+            raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the teacher's max_seq_len "
+                             f"{teacher.args.max_seq_len}: lower --seq-len")
+        teacher.eval()
+        teacher.requires_grad_(False)
+    if len(getattr(tok, "specials", ())) and tok.vocab_size > student.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {student.args.vocab_size}: "
+                         f"load the tokenizer with vocab_size={student.args.vocab_size}")
+    examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate)
+    rank, world = _rank_world()
+    loader = ChatLoader(examples, train_cfg.micro_batch_size, train_cfg.seq_len, tok.pad_id, seed=train_cfg.seed,
+                        rank=rank, world_size=world)
+    fp8 = False
+    if sft_cfg.fp8:
+        fp8 = convert_to_fp8(student, device) > 0
+    dcfg = DistillConfig(temperature=sft_cfg.temperature, chunk_size=sft_cfg.chunk_size)
+    tflops = flops_per_token(teacher.args, train_cfg.seq_len, training=False) if teacher is not None else 0.0
+    out = train(student, loader, loss_fn_for(teacher, dcfg), train_cfg, device=device, eval_fn=eval_fn, name=name,
+                teacher_flops_per_token=tflops,
+                run_info={"sft": dataclasses.asdict(sft_cfg), "data": stats, "fp8_active": fp8,
+                          "teacher_args": dataclasses.asdict(teacher.args) if teacher is not None else None})
+    return {**out, "data": stats, "fp8": fp8}
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+# -----------------------------------------------------------------------------
+# FP8 linears (section 8: "fp8 training"), with a readable reference
+
+E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale s with x * s filling the e4m3 range: s = 448 / amax (1 for an all-zero tensor).
+    fp32, so the scale of a bf16 tensor is not itself rounded."""
+    amax = amax.float()
+    return torch.where(amax > 0, E4M3_MAX / amax.clamp(min=1e-12), torch.ones_like(amax))
+
+
+def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * s saturated to +-448 in float8_e4m3fn, 1 / s): x ~ x_fp8.float() * inv_scale."""
+    s = fp8_scale(x.detach().abs().amax())
+    x8 = (x.float() * s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return x8, s.reciprocal()
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The readable equation: quantize both operands, dequantize, matmul in fp32. What _scaled_mm computes
+    (up to accumulation order), on any device."""
+    x8, ix = quantize_e4m3(x)
+    w8, iw = quantize_e4m3(w)
+    return (x8.float() * ix) @ (w8.float() * iw).t()
+
+
+def fp8_supported(device) -> tuple[bool, str]:
+    """(ok, why not). Needs CUDA, compute capability >= 8.9 (Ada, Hopper, Blackwell) and torch._scaled_mm."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, f"FP8 matmuls need a CUDA GPU with compute capability >= 8.9; this is {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return False, f"FP8 matmuls need compute capability >= 8.9 (Ada/Hopper); {torch.cuda.get_device_name(device)} is {cap}"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} has no torch._scaled_mm"
+    return True, ""
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """y = x W^T with e4m3 operands and fp32 per-tensor scales; the backward is bf16 (deviation 4)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_OD):
+        x16, w16 = x_ND.to(torch.bfloat16), w_OD.to(torch.bfloat16)
+        ctx.save_for_backward(x16, w16)
+        ctx.w_dtype = w_OD.dtype
+        x8, ix = quantize_e4m3(x16)
+        w8, iw = quantize_e4m3(w16)
+        # _scaled_mm: a row-major [N, D], b column-major [D, O] (w8.t() of a row-major [O, D] is), fp32 scales
+        return torch._scaled_mm(x8, w8.t(), scale_a=ix, scale_b=iw, out_dtype=torch.bfloat16)  # [N, O]
+
+    @staticmethod
+    def backward(ctx, g_NO):
+        x16, w16 = ctx.saved_tensors
+        g16 = g_NO.to(torch.bfloat16)
+        gx = g16 @ w16  # [N, O] @ [O, D]
+        gw = (g16.t() @ x16).to(ctx.w_dtype)  # [O, N] @ [N, D], into the fp32 master weight's grad
+        return gx, gw
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear (same parameter, same state-dict key) whose forward runs in e4m3 through _scaled_mm when the
+    shapes allow it (dims multiples of 16), else in bf16. The weight stays in its master precision."""
+
+    def forward(self, x):
+        D, O = self.in_features, self.out_features
+        x_ND = x.reshape(-1, D)
+        if x.is_cuda and D % 16 == 0 and O % 16 == 0 and x_ND.shape[0] % 16 == 0:
+            y = _FP8Matmul.apply(x_ND, self.weight)
+        else:
+            y = F.linear(x_ND.to(torch.bfloat16), self.weight.to(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], O)
+
+
+def convert_to_fp8(model: Transformer, device) -> int:
+    """Turn the block linears into FP8Linear in place (class swap: parameters, keys and FSDP wrapping are
+    untouched). Returns how many were converted: 0, with one printed line, where FP8 is unsupported."""
+    ok, why = fp8_supported(device)
+    if not ok:
+        print(f"sft: --fp8 requested but unavailable ({why}); training in bf16 instead", file=sys.stderr)
+        return 0
+    n = 0
+    for layer in model.layers:
+        for m in layer.modules():
+            if type(m) is nn.Linear:
+                m.__class__ = FP8Linear
+                n += 1
+    return n
+
+
+# -----------------------------------------------------------------------------
+# Evaluation by generation (model.py's cached generation)
+
+
+def loop_period(tokens: list, min_tokens: int = 64, max_period: int = 32, min_repeats: int = 4) -> Optional[int]:
+    """The smallest period P <= max_period such that the tail of `tokens` repeats P-token blocks at least
+    min_repeats times over at least min_tokens tokens (PAPER.md section 8, ours); None if there is none."""
+    n = len(tokens)
+    for P in range(1, max_period + 1):
+        run = 0  # length of the tail that equals itself shifted by P
+        while run < n - P and tokens[n - 1 - run] == tokens[n - 1 - run - P]:
+            run += 1
+        span = run + P  # the periodic tail, counting its first period
+        if span >= max(min_tokens, min_repeats * P):
+            return P
+    return None
+
+
+def prompt_ids(tok, question: str) -> list:
+    """`<s>[INST]question[/INST]`: a conversation ending in a user turn is a generation prompt."""
+    return tok.encode_chat([{"role": "user", "content": question}])[0]
+
+
+def final_answer(text: str) -> str:
+    """The part after the last [/THINK] (the reasoning trace does not count), stripped."""
+    return text.rsplit("[/THINK]", 1)[-1].strip()
+
+
+def exact_match(text: str, answer: str) -> bool:
+    return final_answer(text) == answer.strip()
+
+
+@torch.no_grad()
+def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_match, max_new_tokens: int = 64,
+                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3) -> dict:
+    """Greedy answers to items [{question, answer}] with model.generate: exact-answer accuracy (check(text,
+    answer)), the share that hit max_new_tokens without </s> ("endless") and that end in a loop, the mean
+    length, and the first `keep` samples."""
+    was = model.training
+    model.eval()
+    correct = endless = loops = n_tok = 0
+    samples = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        outs = generate(model, [prompt_ids(tok, it["question"]) for it in chunk], max_new_tokens,
+                        temperature=0.0, eos_id=tok.eos_id)
+        for it, out in zip(chunk, outs):
+            stopped = bool(out) and out[-1] == tok.eos_id
+            text = tok.decode(out[:-1] if stopped else out, special="keep")
+            ok = bool(check(text, it["answer"]))
+            correct += ok
+            endless += not stopped
+            loops += loop_period(out, min_tokens=loop_min_tokens) is not None
+            n_tok += len(out)
+            if len(samples) < keep:
+                samples.append({"question": it["question"], "answer": it["answer"], "output": text, "correct": ok})
+    model.train(was)
+    n = max(len(items), 1)
+    return {"n": len(items), "accuracy": correct / n, "endless_rate": endless / n, "loop_rate": loops / n,
+            "mean_new_tokens": n_tok / n, "samples": samples}
+
+
+@torch.no_grad()
+def eval_loss(model: Transformer, examples: list, pad_id: int, teacher: Optional[Transformer] = None,
+              batch_size: int = 16) -> float:
+    """Held-out sft_loss, weighted by assistant targets over all examples (CE, or KL with a teacher)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, mask = chat_batch(examples[i:i + batch_size], pad_id)
+        dev = model.embed_tokens.weight.device
+        n = int(mask[:, 1:].sum())
+        total += float(sft_loss(model, ids.to(dev), mask.to(dev), teacher)) * n
+        count += n
+    model.train(was)
+    return total / max(count, 1)
+
+
+# -----------------------------------------------------------------------------
+# Command line: train, the demo, terminal chat
+
+
+@dataclass
+class SFTRun:
+    student: str = ""  # checkpoint folder (HF or native) to fine-tune
+    teacher: Optional[str] = None  # checkpoint folder; given = KL distillation (the paper's SFT), else CE
+    data: str = ""  # jsonl, one {"messages": [...]} per line
+    tokenizer: Optional[str] = None  # tekken.json or a folder holding one; None = the student's, else shipped
+    chat: Optional[str] = None  # checkpoint folder: talk to it in the terminal instead of training
+    demo: bool = False  # the embedded demo (needs `python cascade.py` first)
+    cascade: str = "runs/cascade"  # demo: where cascade.py wrote its stages
+    parent: Optional[str] = None  # demo: the parent checkpoint (default CASCADE/parent/model)
+    child: Optional[str] = None  # demo: the child (default: the smallest size's base, CASCADE/<size>/long/model)
+    demo_out: str = "runs/sft_demo"  # demo: stages, results.json, table.md
+    demo_steps: int = 120  # demo: optimizer steps per SFT stage (16 chats each)
+    demo_lr: float = 1e-3  # demo: peak learning rate
+    demo_seq_len: int = 128  # demo: row length
+    demo_math: int = 800  # demo: training arithmetic problems (with [THINK] traces)
+    demo_qa: int = 400  # demo: training docstring Q/A pairs
+    demo_held_math: int = 100  # demo: held-out arithmetic problems
+    demo_held_qa: int = 50  # demo: held-out Q/A pairs
+    max_new_tokens: int = 256  # per reply in --chat
+    chat_temperature: float = 0.7  # sampling temperature in --chat (0 = greedy)
+    top_p: float = 0.95  # nucleus in --chat
+
+
+def load_tokenizer(path: Optional[str], model_dir: Optional[str], vocab_size: int):
+    """Tekken from --tokenizer, else the checkpoint's own tekken.json, else the shipped file, truncated
+    to the model's vocabulary (data.py deviation 2)."""
+    if path is None and model_dir and os.path.isfile(os.path.join(model_dir, "tekken.json")):
+        path = model_dir
+    return D.Tokenizer.from_file(path, vocab_size=vocab_size)
+
+
+def chat(ckpt: str, run: SFTRun, stdin=None, stdout=None) -> None:
+    """A terminal conversation with a checkpoint (model.py's cached generation). Empty line or EOF ends it;
+    '/reset' starts over. The oldest turns are dropped when the context would overflow."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model = load_model(ckpt, dtype=torch.float32)
+    model.eval()
+    tok = load_tokenizer(run.tokenizer, ckpt, model.args.vocab_size)
+    messages: list = []
+    print(f"chatting with {ckpt} ({model.args.num_params:,} parameters); empty line to quit, /reset to restart",
+          file=stdout, flush=True)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or not line.strip():
+            return
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.encode_chat(messages)[0]
+        while len(ids) + run.max_new_tokens > model.args.max_seq_len and len(messages) > 1:
+            messages = messages[2:] if len(messages) > 2 else messages[-1:]  # drop the oldest exchange
+            ids = tok.encode_chat(messages)[0]
+        out = generate(model, [ids], run.max_new_tokens, temperature=run.chat_temperature, top_p=run.top_p,
+                       eos_id=tok.eos_id, seed=len(messages))[0]
+        stopped = bool(out) and out[-1] == tok.eos_id
+        text = tok.decode(out[:-1] if stopped else out, special="keep")
+        print("model> " + text + ("" if stopped else " [cut at --max-new-tokens]"), file=stdout, flush=True)
+        thinking, sep, answer = text.removeprefix("[THINK]").rpartition("[/THINK]")
+        msg = {"role": "assistant", "content": answer if sep else text}
+        if sep:
+            msg["thinking"] = thinking
+        if msg["content"] or sep:
+            messages.append(msg)
+        else:
+            messages.pop()
+
+
+def main(argv=None) -> int:
+    tcfg, scfg, run = configs_from_args([TrainConfig, SFTConfig, SFTRun], argv,
+                                        description="SFT by CE or logit distillation (PAPER.md section 8).")
+    rank = 0
+    try:
+        if run.chat:
+            if not os.path.isdir(run.chat):
+                raise FileNotFoundError(f"--chat {run.chat!r} is not a checkpoint folder: pass the folder sft.py "
+                                        f"exported (OUT/model)")
+            chat(run.chat, run)
+            return 0
+        if run.demo:
+            return demo(run, scfg)
+        if not run.data:
+            raise ValueError("nothing to do: pass --data CHATS.jsonl --student CKPT (or --demo, or --chat CKPT)")
+        for flag, path in (("--student", run.student), ("--teacher", run.teacher)):
+            if path is not None and not os.path.isdir(path):
+                raise FileNotFoundError(f"{flag} {path!r} is not a checkpoint folder (HF or Mistral-native)")
+        rank, _, _, device = setup_distributed()
+        student = build_model(run.student, tcfg, device, train=True)
+        teacher = build_model(run.teacher, tcfg, device, train=False) if run.teacher else None
+        if teacher is not None:
+            check_vocab(student, teacher)
+        tok = load_tokenizer(run.tokenizer, run.student, student.args.vocab_size)
+        convs, _ = read_conversations(run.data, scfg.on_bad_line, tok)
+        print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),
+                          "run": dataclasses.asdict(run)}), flush=True) if rank == 0 else None
+        out = run_sft(student, convs, tok, tcfg, scfg, teacher, device=device)
+        if rank == 0 and out["export"] and os.path.isfile(tok.path):
+            shutil.copyfile(tok.path, os.path.join(out["export"], "tekken.json"))
+    except (ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        teardown_distributed()
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# The embedded demo (PAPER.md section 8 in miniature)
+
+THINK_IDS = {34: "[THINK]", 35: "[/THINK]"}  # where Ministral 3's v13 tekken.json lists them
+
+
+def tekken_with_think(src: str, dst: str, vocab_size: Optional[int] = None) -> str:
+    """A copy of a legacy (v3) tekken.json whose special-token list names [THINK]/[/THINK] at ids 34/35.
+    The shipped file has no special list and no [THINK] (data.py deviation 3); ids 20..999 are unused
+    fillers there, so every other id keeps its meaning and a model trained on the old file reads the new
+    one unchanged. vocab_size keeps only the first ranks (data.py deviation 2), so the copy is small.
+    Written to a temporary name, then renamed."""
+    with open(src) as f:
+        obj = json.load(f)
+    if "special_tokens" in obj:
+        raise ValueError(f"{src} already lists its special tokens: use it directly")
+    n = obj["config"].get("default_num_special_tokens", 1000)
+    if vocab_size is not None:
+        obj["vocab"] = obj["vocab"][:vocab_size - n]
+        obj["config"]["default_vocab_size"] = vocab_size
+    names = list(D.LEGACY_SPECIALS) + [THINK_IDS.get(i, f"<SPECIAL_{i}>") for i in range(len(D.LEGACY_SPECIALS), n)]
+    obj["special_tokens"] = [dict(rank=i, token_str=s, is_control=True) for i, s in enumerate(names)]
+    obj["config"]["version"] = "v13"
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, dst)
+    return dst
+
+
+_TRACES = [  # (question pattern, trace, result) for data._math_problem's seven kinds
+    (r"What is \((\d+) \+ (\d+)\) \* (\d+)\?", lambda a, b, c: (f"{a} + {b} = {a + b}. {a + b} * {c} = {(a + b) * c}.",
+                                                       (a + b) * c)),
+    (r"What is (\d+) ([-+*]) (\d+)\?", None),
+    (r"What is (\d+) divided by (\d+)\?", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
+    (r"has (\d+) apples, gives away (\d+), then buys (\d+) more", lambda t, b, c: (f"{t} - {b} = {t - b}. {t - b} + {c} = "
+                                                                                   f"{t - b + c}.", t - b + c)),
+    (r"holds (\d+) pencils\. How many pencils are in (\d+) boxes", lambda a, c: (f"{a} * {c} = {a * c}.", a * c)),
+    (r"shares (\d+) marbles equally among (\d+) friends", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
+    (r"cost (\d+) dollars each\. \w+ buys (\d+) pens and pays with a (\d+) dollar note",
+     lambda p, k, b: (f"{p} * {k} = {p * k}. {b} - {p * k} = {b - p * k}.", b - p * k)),
+]
+
+
+def math_trace(question: str, answer: str) -> str:
+    """A worked step-by-step trace for a data.math_problems question (the reasoning SFT's [THINK] part),
+    checked against the answer."""
+    for pattern, fn in _TRACES:
+        m = re.search(pattern, question)
+        if m is None:
+            continue
+        if fn is None:  # a op b
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            r = {"+": a + b, "-": a - b, "*": a * b}[op]
+            trace = f"{a} {op} {b} = {r}."
+        else:
+            trace, r = fn(*(int(g) for g in m.groups()))
+        if str(r) != answer:
+            raise ValueError(f"trace for {question!r} gives {r}, the answer is {answer}")
+        return trace
+    raise ValueError(f"no trace template matches {question!r}")
+
+
+def demo_items(tok, max_tokens: int, n_math: int, n_qa: int, held_math: int, held_qa: int) -> dict:
+    """Reasoning chats on arithmetic (a [THINK] trace, then the number) and plain docstring Q/A, split into
+    train and held-out items; Q/A longer than max_tokens are left out (counted)."""
+    math = D.math_problems(n_math + held_math, seed=0)
+    qa = D.qa_pairs(n_qa + held_qa + n_qa // 4, seed=0)
+    chat_of = lambda it, think: [{"role": "user", "content": it["question"]},
+                                 {"role": "assistant", "content": it["answer"],
+                                  **({"thinking": math_trace(it["question"], it["answer"])} if think else {})}]
+    fits = [it for it in qa if len(tok.encode_chat(chat_of(it, False))[0]) <= max_tokens]
+    if len(fits) < n_qa + held_qa:
+        raise ValueError(f"only {len(fits)} Q/A pairs fit in {max_tokens} tokens; lower --demo-qa")
+    qa_train, qa_held = fits[:n_qa], fits[n_qa:n_qa + held_qa]
+    m_train, m_held = math[:n_math], math[n_math:]
+    convs = [chat_of(it, True) for it in m_train] + [chat_of(it, False) for it in qa_train]
+    random.Random(0).shuffle(convs)
+    held_convs = [chat_of(it, True) for it in m_held] + [chat_of(it, False) for it in qa_held]
+    return {"train": convs, "math_held": m_held, "qa_held": qa_held, "held_convs": held_convs,
+            "qa_left_out_long": len(qa) - len(fits)}
+
+
+def demo_measure(model, tok, items: dict, held_examples: list, teacher=None, loop_min_tokens: int = 24,
+                 max_new_tokens: int = 64) -> dict:
+    """Held-out loss (assistant tokens, CE), KL to the teacher, and greedy answers (math, Q/A)."""
+    t0, c0 = time.time(), time.process_time()
+    math = answer_eval(model, tok, items["math_held"], D.check_math_answer, max_new_tokens,
+                       loop_min_tokens=loop_min_tokens)
+    qa = answer_eval(model, tok, items["qa_held"], exact_match, max_new_tokens, loop_min_tokens=loop_min_tokens)
+    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa}
+    if teacher is not None:
+        out["held_out_kl_to_teacher"] = eval_loss(model, held_examples, tok.pad_id, teacher)
+    out["eval_wall_s"], out["eval_cpu_s"] = time.time() - t0, time.process_time() - c0
+    return out
+
+
+def demo(run: "SFTRun", scfg: SFTConfig) -> int:
+    """PAPER.md section 8 in miniature: SFT the cascade's parent on reasoning arithmetic + docstring Q/A (CE),
+    then its smallest child twice, by plain SFT (CE) and by distillation from the SFT-ed parent (KL);
+    held-out accuracy, loss and loop/endless rates before and after, into <out>/results.json."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    parent_dir = run.parent or os.path.join(run.cascade, "parent", "model")
+    child_dir = run.child
+    if child_dir is None:
+        sizes = [s for s in ("3b", "8b", "14b") if os.path.isdir(os.path.join(run.cascade, s, "long", "model"))]
+        child_dir = os.path.join(run.cascade, sizes[0], "long", "model") if sizes else ""
+    for what, path in (("parent", parent_dir), ("child", child_dir)):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no {what} checkpoint at {path!r}: run `python cascade.py` first (or pass "
+                                    f"--cascade DIR / --parent / --child)")
+    out = run.demo_out
+    os.makedirs(out, exist_ok=True)
+    V = read_checkpoint_args(parent_dir)[0].vocab_size
+    tok = D.Tokenizer.from_file(tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
+                                vocab_size=V)
+    seq = run.demo_seq_len
+    items = demo_items(tok, seq + 1, run.demo_math, run.demo_qa, run.demo_held_math, run.demo_held_qa)
+    held, _ = encode_conversations(items["held_convs"], tok, seq + 1)
+    results = {"config": {"run": dataclasses.asdict(run), "sft": dataclasses.asdict(scfg), "parent": parent_dir,
+                          "child": child_dir, "train_conversations": len(items["train"]),
+                          "qa_left_out_long": items["qa_left_out_long"], "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+               "models": {}}
+
+    def stage(name, init_dir, teacher_model, lr):
+        """Train (or reuse a finished) SFT stage; returns the trained model and train()'s summary."""
+        stage_dir = os.path.join(out, name)
+        done = os.path.join(stage_dir, "done.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                return load_model(os.path.join(stage_dir, "model"), dtype=torch.float32), json.load(f)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        tcfg = TrainConfig(out_dir=stage_dir, steps=run.demo_steps, batch_size=16, micro_batch_size=16, seq_len=seq,
+                           lr=lr, warmup_steps=max(1, run.demo_steps // 10), dtype="fp32", log_every=10,
+                           seed=0, export=True)
+        model = load_model(init_dir, dtype=torch.float32)
+        t0, c0 = time.time(), time.process_time()
+        r = run_sft(model, items["train"], tok, tcfg, scfg, teacher_model, device="cpu", name=name)
+        info = {"steps": run.demo_steps, "lr": lr, "teacher": teacher_model is not None, "wall_s": time.time() - t0,
+                "cpu_s": time.process_time() - c0, "first_loss": r["history"][0]["loss"],
+                "last_loss": r["history"][-1]["loss"], "data": r["data"]}
+        shutil.copyfile(tok.path, os.path.join(stage_dir, "model", "tekken.json"))
+        write_json_atomic(done, info)
+        return model, info
+
+    def record(name, model, teacher=None, info=None):
+        m = demo_measure(model, tok, items, held, teacher)
+        results["models"][name] = {**m, **({"train": info} if info else {})}
+        print(f"[demo] {name}: math {m['math']['accuracy']:.1%} qa {m['qa']['accuracy']:.1%} "
+              f"CE {m['held_out_ce']:.3f} endless {m['math']['endless_rate']:.1%} loop {m['math']['loop_rate']:.1%}",
+              flush=True)
+        write_json_atomic(os.path.join(out, "results.json"), results)
+
+    parent0 = load_model(parent_dir, dtype=torch.float32)
+    child0 = load_model(child_dir, dtype=torch.float32)
+    record("parent (cascade, before SFT)", parent0)
+    record("child (cascade, before SFT)", child0)
+    parent1, info = stage("parent_sft", parent_dir, None, run.demo_lr)
+    record("parent SFT (CE)", parent1, info=info)
+    child_ce, info = stage("child_sft_ce", child_dir, None, run.demo_lr)
+    record("child plain SFT (CE)", child_ce, teacher=parent1, info=info)
+    child_kl, info = stage("child_sft_kl", child_dir, parent1, run.demo_lr)
+    record("child distillation SFT (KL to SFT-ed parent)", child_kl, teacher=parent1, info=info)
+    write_demo_table(results, os.path.join(out, "table.md"))
+    print(open(os.path.join(out, "table.md")).read())
+    return 0
+
+
+def write_demo_table(results: dict, path: str) -> None:
+    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | math endless | math loops | "
+            "mean new tokens (math) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in results["models"].items():
+        kl = m.get("held_out_kl_to_teacher")
+        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | "
+                    f"{m['math']['accuracy']:.1%} | {m['qa']['accuracy']:.1%} | {m['math']['endless_rate']:.1%} | "
+                    f"{m['math']['loop_rate']:.1%} | {m['math']['mean_new_tokens']:.1f} |")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
