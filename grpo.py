@@ -300,7 +300,7 @@ def length_penalty(n_tokens: int, max_new_tokens: int, l_cache: int) -> float:
 
 
 def make_reward(cfg: GRPOConfig, judge: Optional[Judge] = None) -> Callable[[dict], float]:
-    """reward(sample) for sample = {text, n_tokens, truncated, problem: {question, answer | rubric}}."""
+    """reward(sample) for sample = {text, tokens, n_tokens, truncated, problem: {question, answer | rubric}}."""
     def reward(s: dict) -> float:
         parts = split_think(s["text"])
         if parts is None or s["truncated"]:
@@ -405,8 +405,8 @@ class RolloutLoader:
         samples = []
         for row, (toks, n, trunc) in enumerate(zip(r.tokens.tolist(), r.lengths.tolist(), r.truncated.tolist())):
             body = toks[:n - 1] if not trunc else toks[:n]  # the EOS is not text
-            samples.append({"text": tok.decode(body, special="keep"), "n_tokens": n, "truncated": trunc,
-                            "problem": self.problems[idx[row // G]]})
+            samples.append({"text": tok.decode(body, special="keep"), "tokens": toks[:n], "n_tokens": n,
+                            "truncated": trunc, "problem": self.problems[idx[row // G]]})
         rewards = torch.tensor(safe_rewards(self.reward_fn, samples, self.reward_errors))
         adv, kept = group_advantages(rewards, G, cfg.adv_norm, cfg.std_eps)
         N, T = r.tokens.shape[0], self.seq_len
