@@ -13,8 +13,8 @@ on its own and recorded beside. HF is timed from input ids to returned ids. Both
 `new` tokens (no EOS). With random weights the logits are nearly flat, so greedy tokens may part
 ways between the two on rounding; the record keeps the fraction of identical tokens.
 
-Run: `python benchmarks/rollout_bench.py [--device cuda] [--rounds 5] [--record]`; `--record` appends
-the JSON to benchmarks/records.jsonl and rewrites benchmarks/rollout.md's table row for the device.
+Run: `python benchmarks/rollout_bench.py [--device cuda] [--rounds 5] [--threads 1] [--record]`;
+`--record` appends the JSON (with date, device, torch, commit, command) to benchmarks/records.jsonl.
 """
 
 from __future__ import annotations
