@@ -106,7 +106,7 @@ def bench_rollout(device="cpu", rounds=5) -> dict:
                 times[k]["cpu"].append(c)
     res = {"shape": {"preset": preset, "dtype": str(dtype).split(".")[1], "batch": batch, "prompt": prompt,
                      "new": new, "temperature": temp}, "device": device, "rounds": rounds,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "load_average_1_5_15": os.getloadavg()}
     res["ours_weight_gather"] = {"wall_s": gather_wall, "cpu_s": gather_cpu}
     floor = GEN.decode_bytes_per_step(W, batch, prompt + new // 2)  # mean context over the decode
     for k in impls:
