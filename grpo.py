@@ -94,7 +94,7 @@ class GRPOConfig:
     std_eps: float = 1e-6  # a group with reward std below this is dropped
     l_cache: int = 8  # soft length penalty window before the cap (tokens)
     reward: str = "math"  # "math" (stage 1, verifiable) or "rubric" (stage 2, judge)
-    eval_every_steps: int = 10  # held-out evaluation every N steps (and at the end)
+    eval_every_steps: int = 30  # held-out evaluation every N steps (and at the end)
 
 
 VARIANTS = {"adv_norm": ("minibatch", "group", "none"), "agg": ("group_token", "seq_mean", "token_mean", "constant")}
@@ -512,7 +512,7 @@ def evaluate(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, bat
     W = RolloutWeights(model)
     rc = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
     n_ok = n_fmt = n_trunc = n_tok = 0
-    samples = []
+    samples, per_problem = [], []
     for s in range(0, len(problems), batch_size):
         chunk = problems[s:s + batch_size]
         r = rollout(W, [prompt_ids(tok, p["question"]) for p in chunk], rc)
@@ -522,11 +522,12 @@ def evaluate(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, bat
             fmt = parts is not None and not trunc
             ok = fmt and _safe_correct(parts[1], p)
             n_ok, n_fmt, n_trunc, n_tok = n_ok + ok, n_fmt + fmt, n_trunc + trunc, n_tok + n
+            per_problem.append(int(ok))
             if len(samples) < 4:
                 samples.append({"question": p["question"], "answer": p.get("answer"), "output": text, "correct": ok})
     n = max(len(problems), 1)
     return {"n": len(problems), "accuracy": n_ok / n, "format_rate": n_fmt / n, "mean_length": n_tok / n,
-            "truncation_rate": n_trunc / n, "samples": samples}
+            "truncation_rate": n_trunc / n, "samples": samples, "correct": per_problem}
 
 
 def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, train_cfg: TrainConfig, *, device,
@@ -569,10 +570,10 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 @dataclass
 class DemoConfig:
     child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
-    max_operand: int = 9  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand
+    max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
     ops: str = "+-"  # operations of the problems
     sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
-    sft_steps: int = 60  # SFT optimizer steps (short on purpose: the start must leave room, 10-90%)
+    sft_steps: int = 300  # SFT optimizer steps (the start must leave room: 10-90% held-out)
     sft_lr: float = 3e-3  # SFT peak learning rate
     grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
     eval_problems: int = 200  # held-out problems, none of whose questions occur in SFT or GRPO
@@ -622,6 +623,15 @@ def _plot(stats: list[dict], evals: list[dict], path: str):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _sign_test(k: int, m: int) -> float:
+    """Two-sided exact sign test of k successes against m failures (paired flips), p under a fair coin."""
+    n = k + m
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, m) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
@@ -677,10 +687,22 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
     for label, e in (("SFT-ed child (GRPO start)", res["start"]), ("after GRPO", res["end"])):
         table.append(f"| {label} | {e['accuracy']:.1%} | {e['format_rate']:.1%} | {e['mean_length']:.1f} | "
                      f"{e['truncation_rate']:.1%} |")
-    zv = [s["zero_variance_groups"] for s in stats]
-    table.append(f"\nRollouts: mean reward {stats[0]['mean_reward']:.3f} (step 1) -> {stats[-1]['mean_reward']:.3f} "
-                 f"(step {stats[-1]['step']}); zero-variance groups {sum(zv) / len(zv):.1%} on average; "
-                 f"truncation {sum(s['truncation_rate'] for s in stats) / len(stats):.1%} on average.")
+    before, after = res["start"]["correct"], res["end"]["correct"]
+    gained = sum(a and not b for a, b in zip(after, before))
+    lost = sum(b and not a for a, b in zip(after, before))
+    out["held_out_paired"] = {"wrong_to_right": gained, "right_to_wrong": lost,
+                              "sign_test_p": _sign_test(gained, lost)}
+    write_json_atomic(os.path.join(root, "results.json"), out)
+    table.append(f"\nSame {len(after)} held-out problems before and after: {gained} went wrong -> right, {lost} right -> "
+                 f"wrong (two-sided sign test p = {out['held_out_paired']['sign_test_p']:.3g}).")
+    k = min(10, len(stats))
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    table.append(f"\nTraining rollouts (T = {gcfg.temperature}), first {k} steps -> last {k}: mean reward "
+                 f"{mean(stats[:k], 'mean_reward'):.3f} -> {mean(stats[-k:], 'mean_reward'):.3f}, accuracy "
+                 f"{mean(stats[:k], 'accuracy'):.1%} -> {mean(stats[-k:], 'accuracy'):.1%}, zero-variance groups "
+                 f"{mean(stats[:k], 'zero_variance_groups'):.1%} -> {mean(stats[-k:], 'zero_variance_groups'):.1%}, "
+                 f"truncation {mean(stats[:k], 'truncation_rate'):.1%} -> {mean(stats[-k:], 'truncation_rate'):.1%}, "
+                 f"mean length {mean(stats[:k], 'mean_length'):.1f} -> {mean(stats[-k:], 'mean_length'):.1f}.")
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     if dcfg.record:
@@ -701,11 +723,11 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
 class GRPOTrainConfig(TrainConfig):
     """train.py's flags with the demo's GRPO-stage defaults; out_dir is the demo's root folder."""
     out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})  # sft/, grpo/, results
-    steps: int = 40  # GRPO optimizer steps (one per rollout batch)
-    batch_size: int = 64  # samples per step (global): prompts x G
+    steps: int = 120  # GRPO optimizer steps (one per rollout batch)
+    batch_size: int = 256  # samples per step (global): 32 prompts x G 8
     micro_batch_size: int = 64  # samples per forward (whole groups)
     seq_len: int = 0  # set from the prompts and max_new_tokens
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-4  # peak learning rate (1e-3 collapsed the demo's tiny policy within 20 steps)
     warmup_steps: int = 0  # constant learning rate (min_lr_ratio 1)
     min_lr_ratio: float = 1.0  # no decay
     weight_decay: float = 0.0  # none in RL
