@@ -74,7 +74,7 @@ import torch.nn.functional as F
 import data as D
 import sft as S
 from generate import RolloutConfig, RolloutWeights, rollout
-from model import Transformer, load_model, read_checkpoint_args
+from model import Transformer, load_model, read_checkpoint_args, resolve_model_path
 from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class GRPOConfig:
     std_eps: float = 1e-6  # a group with reward std below this is dropped
     l_cache: int = 8  # soft length penalty window before the cap (tokens)
     reward: str = "math"  # "math" (stage 1, verifiable) or "rubric" (stage 2, judge)
+    format_gate: bool = True  # require [THINK]...[/THINK] + answer; off: the whole response is the answer
     eval_every_steps: int = 30  # held-out evaluation every N steps (and at the end)
 
 
@@ -299,13 +300,23 @@ def length_penalty(n_tokens: int, max_new_tokens: int, l_cache: int) -> float:
     return -0.1 * min(1.0, (n_tokens - start) / l_cache)
 
 
+def final_part(text: str, truncated: bool, format_gate: bool = True) -> Optional[str]:
+    """The answer a response gives, None when it fails the format gate. format_gate False (a model that never
+    learned [THINK], such as SmolLM2): the whole response, when it ended and is not empty."""
+    if truncated:
+        return None
+    if not format_gate:
+        return text.strip() or None
+    parts = split_think(text)
+    return None if parts is None else parts[1]
+
+
 def make_reward(cfg: GRPOConfig, judge: Optional[Judge] = None) -> Callable[[dict], float]:
     """reward(sample) for sample = {text, tokens, n_tokens, truncated, problem: {question, answer | rubric}}."""
     def reward(s: dict) -> float:
-        parts = split_think(s["text"])
-        if parts is None or s["truncated"]:
+        answer = final_part(s["text"], s["truncated"], cfg.format_gate)
+        if answer is None:
             return 0.0
-        _, answer = parts
         if cfg.reward == "math":
             score = float(math_correct(answer, s["problem"]["answer"]))
         else:
@@ -436,11 +447,11 @@ class RolloutLoader:
         for x in recs:
             x["global_units"] = max(total, 1)
             self.ready.append(x)
-        parts = [split_think(s["text"]) for s in samples]
-        correct = [p is not None and not s["truncated"] and _safe_correct(p[1], s["problem"]) for p, s in zip(parts, samples)]
+        parts = [final_part(s["text"], s["truncated"], cfg.format_gate) for s in samples]
+        correct = [p is not None and _safe_correct(p, s["problem"]) for p, s in zip(parts, samples)]
         std_G = rewards.view(-1, G).std(-1, correction=0)
         stat = {"step": step + 1, "mean_reward": float(rewards.mean()), "accuracy": sum(correct) / N,
-                "format_rate": sum(p is not None and not s["truncated"] for p, s in zip(parts, samples)) / N,
+                "format_rate": sum(p is not None for p in parts) / N,
                 "mean_length": float(r.lengths.float().mean()), "truncation_rate": float(r.truncated.float().mean()),
                 "zero_variance_groups": float((std_G < cfg.std_eps).float().mean()),
                 "reward_errors": self.reward_errors.get("count", 0), "rollout_s": t_roll,
@@ -518,9 +529,9 @@ def evaluate(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, bat
         r = rollout(W, [prompt_ids(tok, p["question"]) for p in chunk], rc)
         for p, toks, n, trunc in zip(chunk, r.tokens.tolist(), r.lengths.tolist(), r.truncated.tolist()):
             text = tok.decode(toks[:n - 1] if not trunc else toks[:n], special="keep")
-            parts = split_think(text)
-            fmt = parts is not None and not trunc
-            ok = fmt and _safe_correct(parts[1], p)
+            answer = final_part(text, trunc, cfg.format_gate)
+            fmt = answer is not None
+            ok = fmt and _safe_correct(answer, p)
             n_ok, n_fmt, n_trunc, n_tok = n_ok + ok, n_fmt + fmt, n_trunc + trunc, n_tok + n
             per_problem.append(int(ok))
             if len(samples) < 4:
@@ -570,6 +581,7 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 @dataclass
 class DemoConfig:
     child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
+    policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
     max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
     ops: str = "+-"  # operations of the problems
     sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
@@ -591,7 +603,8 @@ def demo_problems(dcfg: DemoConfig) -> dict:
     random.Random(0).shuffle(questions)
     n_held = min(len(questions) // 4, dcfg.eval_problems)
     held_q = set(questions[:n_held])
-    held = [p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q]
+    held = sorted((p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q),
+                  key=lambda p: questions.index(p["question"]))[:dcfg.eval_problems]
     train_pool = [p for p in pool if p["question"] not in held_q]
     return {"sft": train_pool[:dcfg.sft_problems], "grpo": train_pool[dcfg.sft_problems:][:dcfg.grpo_problems],
             "held": held}
@@ -636,33 +649,39 @@ def _sign_test(k: int, m: int) -> float:
 
 def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
     t0, c0 = time.time(), time.process_time()
-    child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
-    if child is None or not os.path.isdir(child):
-        raise FileNotFoundError(f"no base model: run `python cascade.py` first (it writes {CASCADE_CHILDREN[0]}) "
-                                f"or pass --child PATH")
-    V = read_checkpoint_args(child)[0].vocab_size
     root = tcfg.out_dir  # sft/, grpo/ and the results go here (rerun = resume)
     os.makedirs(root, exist_ok=True)
-    tok = D.Tokenizer.from_file(S.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
-                                vocab_size=V)
     splits = demo_problems(dcfg)
     log = lambda msg: print(f"[grpo demo] {msg}", flush=True)
-    # 1. SFT (sft.py) on reasoning chats: [THINK] the worked step [/THINK] the number
-    sft_dir = os.path.join(root, "sft")
-    if not os.path.exists(os.path.join(sft_dir, "done.json")):
-        convs = [[{"role": "user", "content": p["question"]},
-                  {"role": "assistant", "content": p["answer"], "thinking": S.math_trace(p["question"], p["answer"])}]
-                 for p in splits["sft"]]
-        seq = max(len(tok.encode_chat(c)[0]) for c in convs) - 1
-        scfg = TrainConfig(out_dir=sft_dir, steps=dcfg.sft_steps, batch_size=32, micro_batch_size=32, seq_len=seq,
-                           lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10), dtype="fp32", log_every=10,
-                           resume=True, export=True)
-        log(f"SFT {child} on {len(convs)} reasoning chats for {dcfg.sft_steps} steps")
+    if dcfg.policy is not None:  # a ready policy (e.g. SmolLM2 from its GGUF): no SFT
+        child = resolve_model_path(dcfg.policy)
         model = load_model(child, dtype=torch.float32)
-        S.run_sft(model, convs, tok, scfg, S.SFTConfig(), device="cpu", name="sft")
-        write_json_atomic(os.path.join(sft_dir, "done.json"), {"child": child, "steps": dcfg.sft_steps})
-    # 2. GRPO from the SFT-ed model
-    model = load_model(os.path.join(sft_dir, "model"), dtype=torch.float32)
+        tok = D.Tokenizer.from_file(child if child.endswith(".gguf") else os.path.join(child, "tekken.json"),
+                                    vocab_size=None if child.endswith(".gguf") else model.args.vocab_size)
+    else:
+        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
+        if child is None or not os.path.isdir(child):
+            raise FileNotFoundError(f"no base model: run `python cascade.py` first (it writes {CASCADE_CHILDREN[0]}) "
+                                    f"or pass --child PATH (or --policy PATH to skip SFT)")
+        V = read_checkpoint_args(child)[0].vocab_size
+        tok = D.Tokenizer.from_file(S.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
+                                    vocab_size=V)
+        # 1. SFT (sft.py) on reasoning chats: [THINK] the worked step [/THINK] the number
+        sft_dir = os.path.join(root, "sft")
+        if not os.path.exists(os.path.join(sft_dir, "done.json")):
+            convs = [[{"role": "user", "content": p["question"]},
+                      {"role": "assistant", "content": p["answer"], "thinking": S.math_trace(p["question"], p["answer"])}]
+                     for p in splits["sft"]]
+            seq = max(len(tok.encode_chat(c)[0]) for c in convs) - 1
+            scfg = TrainConfig(out_dir=sft_dir, steps=dcfg.sft_steps, batch_size=32, micro_batch_size=32, seq_len=seq,
+                               lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10), dtype="fp32", log_every=10,
+                               resume=True, export=True)
+            log(f"SFT {child} on {len(convs)} reasoning chats for {dcfg.sft_steps} steps")
+            model = load_model(child, dtype=torch.float32)
+            S.run_sft(model, convs, tok, scfg, S.SFTConfig(), device="cpu", name="sft")
+            write_json_atomic(os.path.join(sft_dir, "done.json"), {"child": child, "steps": dcfg.sft_steps})
+        # 2. GRPO from the SFT-ed model
+        model = load_model(os.path.join(sft_dir, "model"), dtype=torch.float32)
     gdir = os.path.join(root, "grpo")
     tcfg = dataclasses.replace(tcfg, out_dir=gdir, resume=True)
     log(f"GRPO: {tcfg.steps} steps x {tcfg.batch_size // gcfg.group_size} prompts x G={gcfg.group_size}; "
