@@ -203,6 +203,14 @@ def test_reward_values_and_length_penalty():
     assert reward(s("[THINK]2 + 2[/THINK]4", n=30)) == pytest.approx(1.0)
 
 
+def test_no_format_gate_reads_the_whole_response():
+    cfg = GR.GRPOConfig(format_gate=False, max_new_tokens=40, l_cache=10)
+    s = {"text": "7 - 2 is 5.", "n_tokens": 8, "truncated": False, "problem": {"answer": "5"}}
+    assert GR.make_reward(cfg)(s) == pytest.approx(1.0)
+    assert GR.make_reward(GR.GRPOConfig(max_new_tokens=40, l_cache=10))(s) == 0.0  # the gate wants [THINK]
+    assert GR.make_reward(cfg)({**s, "truncated": True}) == 0.0
+
+
 def test_rubric_reward_with_the_rule_judge():
     cfg = GR.GRPOConfig(reward="rubric", max_new_tokens=100, l_cache=10)
     reward = GR.make_reward(cfg, GR.RuleJudge())
