@@ -35,7 +35,8 @@ Deviations and choices where the paper is silent:
  4. Format gate, ours in detail: after stripping whitespace the response starts with `[THINK]`, holds
     exactly one `[THINK]` and one `[/THINK]`, a non-empty trace and a non-empty answer after it, and
     ended with EOS (a response cut at the cap has not given its final answer). The length penalty
-    applies to well-formatted responses only (a failed gate is 0, as in Magistral).
+    applies to well-formatted responses only (a failed gate is 0, as in Magistral). `--no-format-gate`
+    (for a model that never learned [THINK], such as SmolLM2) reads the whole ended response as the answer.
  5. Answer parsing: only the text after `[/THINK]` counts; a `\\boxed{}` wins over plain text, and
     several boxed answers that disagree score as wrong (hedging); otherwise the last number counts.
     Numbers may be negative (ASCII, U+2212 minus, U+FE63, U+FF0D), use thousands separators, decimals,
@@ -47,7 +48,8 @@ Deviations and choices where the paper is silent:
     counted in the rollout log; the run goes on.
 
 Run: `python grpo.py` (the offline demo: SFT the cascade's smallest child on easy arithmetic with
-sft.py, then GRPO; needs `python cascade.py` first, or --child PATH); `python grpo.py --help`.
+sft.py, then GRPO; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
+--no-format-gate --out runs/grpo_smollm2` (GRPO on the real model, no SFT); `python grpo.py --help`.
 Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (problems, tokenizer),
 sft.py (the demo's SFT stage and the [THINK] tokenizer).
 """
