@@ -21,8 +21,11 @@ are trained by SFT):
     SFTConfig (dataclass), ChatLoader(examples, batch_size, seq_len, pad_id, seed, rank, world_size)
     run_sft(student, conversations, tok, train_cfg, sft_cfg, teacher=None, *, device, eval_fn=None,
             name="sft") -> dict   (train.train's result dict, plus "data": the encoding stats)
-    read_conversations(path, on_bad_line="stop") -> (conversations, bad_lines)
-    answer_eval(model, tok, items, check, max_new_tokens, batch_size=32) -> dict (accuracy, loop rate)
+    read_conversations(path, on_bad_line="stop", tok=None) -> (conversations, [(line number, reason)])
+    answer_eval(model, tok, items, check=exact_match, max_new_tokens=64, batch_size=32, loop_min_tokens=64)
+        -> {accuracy, endless_rate, loop_rate, mean_new_tokens, samples}   (model.generate, greedy)
+    eval_loss(model, examples, pad_id, teacher=None) -> float;  loop_period(tokens, min_tokens=64) -> P or None
+    FP8: quantize_e4m3(x) -> (x_fp8, inv_scale), fp8_linear_reference, FP8Linear, convert_to_fp8(model, device)
 
 Sections: config, data (jsonl, encoding, batching, the loader), the loss, the training entry point,
 FP8 linears, evaluation by generation, the demo, the command line (train, demo, --chat).
@@ -44,12 +47,13 @@ Deviations from the paper / choices where it is silent:
  5. Vision (ViT frozen, projector trained) is not done here: vision.py is another issue.
  6. Loop / endless-generation detection (PAPER.md section 8, ours): a response that hits the token
     cap without `</s>` is "endless"; one whose tail repeats a period of P <= 32 tokens at least 4 times
-    over at least `loop_min_tokens` tokens is "looping" (64 in the paper text; the demo's short answers
-    use 24 so that it can fire at all).
+    over at least `loop_min_tokens` tokens is "looping" (64 in PAPER.md; the demo caps answers at 64
+    tokens, so it uses 24 there, or no loop could ever be seen).
 
 Run: `python sft.py --data chats.jsonl --student CKPT [--teacher CKPT] --out DIR` (SFT, KL when a
-teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first);
-`python sft.py --chat CKPT` (talk to a checkpoint). `python -m pytest tests/test_sft.py -q`.
+teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first; with
+`--parent X.gguf` the real SmolLM2 parent, plain SFT only); `python sft.py --chat CKPT` (talk to a
+checkpoint). `python -m pytest tests/test_sft.py -q`; `python benchmarks/sft_bench.py` (bf16 vs FP8 step).
 Depends on: model.py, data.py, distill.py, train.py.
 """
 
@@ -474,12 +478,15 @@ class SFTRun:
     chat: Optional[str] = None  # checkpoint folder: talk to it in the terminal instead of training
     demo: bool = False  # the embedded demo (needs `python cascade.py` first)
     cascade: str = "runs/cascade"  # demo: where cascade.py wrote its stages
-    parent: Optional[str] = None  # demo: the parent checkpoint (default CASCADE/parent/model)
+    parent: Optional[str] = None  # demo: the parent checkpoint (default CASCADE/parent/model); a .gguf = the real model
     child: Optional[str] = None  # demo: the child (default: the smallest size's base, CASCADE/<size>/long/model)
     demo_out: str = "runs/sft_demo"  # demo: stages, results.json, table.md
     demo_steps: int = 120  # demo: optimizer steps per SFT stage (16 chats each)
     demo_lr: float = 1e-3  # demo: peak learning rate
     demo_seq_len: int = 128  # demo: row length
+    demo_batch: int = 16  # demo: chats per optimizer step
+    demo_new_tokens: int = 64  # demo: generation cap per held-out answer (hitting it = "endless")
+    demo_child: bool = True  # demo: also SFT the child (--no-demo-child: the parent's stages only)
     demo_math: int = 800  # demo: training arithmetic problems (with [THINK] traces)
     demo_qa: int = 400  # demo: training docstring Q/A pairs
     demo_held_math: int = 100  # demo: held-out arithmetic problems
@@ -643,9 +650,16 @@ def demo_items(tok, max_tokens: int, n_math: int, n_qa: int, held_math: int, hel
     train and held-out items; Q/A longer than max_tokens are left out (counted)."""
     math = D.math_problems(n_math + held_math, seed=0)
     qa = D.qa_pairs(n_qa + held_qa + n_qa // 4, seed=0)
-    chat_of = lambda it, think: [{"role": "user", "content": it["question"]},
-                                 {"role": "assistant", "content": it["answer"],
-                                  **({"thinking": math_trace(it["question"], it["answer"])} if think else {})}]
+    has_think = "[THINK]" in getattr(tok, "specials", ())
+
+    def chat_of(it, think):
+        answer = {"role": "assistant", "content": it["answer"]}
+        if think and has_think:
+            answer["thinking"] = math_trace(it["question"], it["answer"])
+        elif think:  # ChatML (the real SmolLM2) has no thinking tokens: the trace goes before the answer
+            answer["content"] = f"{math_trace(it['question'], it['answer'])} Answer: {it['answer']}"
+        return [{"role": "user", "content": it["question"]}, answer]
+
     fits = [it for it in qa if len(tok.encode_chat(chat_of(it, False))[0]) <= max_tokens]
     if len(fits) < n_qa + held_qa:
         raise ValueError(f"only {len(fits)} Q/A pairs fit in {max_tokens} tokens; lower --demo-qa")
@@ -679,25 +693,32 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     parent_dir = run.parent or os.path.join(run.cascade, "parent", "model")
     child_dir = run.child
-    if child_dir is None:
+    real = parent_dir.endswith(".gguf")  # the real parent (SmolLM2-135M-Instruct): no cascade child by default
+    if child_dir is None and not real and run.demo_child:
         sizes = [s for s in ("3b", "8b", "14b") if os.path.isdir(os.path.join(run.cascade, s, "long", "model"))]
         child_dir = os.path.join(run.cascade, sizes[0], "long", "model") if sizes else ""
     for what, path in (("parent", parent_dir), ("child", child_dir)):
+        if path is None or (real and what == "parent" and os.path.isfile(path)):
+            continue
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no {what} checkpoint at {path!r}: run `python cascade.py` first (or pass "
                                     f"--cascade DIR / --parent / --child)")
     out = run.demo_out
     os.makedirs(out, exist_ok=True)
-    V = read_checkpoint_args(parent_dir)[0].vocab_size
-    tok = D.Tokenizer.from_file(tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
-                                vocab_size=V)
+    if real:
+        tok = D.Tokenizer.from_file(parent_dir)  # the GGUF's own tokenizer (ChatML)
+    else:
+        V = read_checkpoint_args(parent_dir)[0].vocab_size
+        tok = D.Tokenizer.from_file(tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
+                                    vocab_size=V)
     seq = run.demo_seq_len
     items = demo_items(tok, seq + 1, run.demo_math, run.demo_qa, run.demo_held_math, run.demo_held_qa)
     held, _ = encode_conversations(items["held_convs"], tok, seq + 1)
     results = {"config": {"run": dataclasses.asdict(run), "sft": dataclasses.asdict(scfg), "parent": parent_dir,
                           "child": child_dir, "train_conversations": len(items["train"]),
                           "qa_left_out_long": items["qa_left_out_long"], "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "loop_min_tokens": 24, "max_new_tokens": run.demo_new_tokens},
                "models": {}}
 
     def stage(name, init_dir, teacher_model, lr):
@@ -708,7 +729,8 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
             with open(done) as f:
                 return load_model(os.path.join(stage_dir, "model"), dtype=torch.float32), json.load(f)
         shutil.rmtree(stage_dir, ignore_errors=True)
-        tcfg = TrainConfig(out_dir=stage_dir, steps=run.demo_steps, batch_size=16, micro_batch_size=16, seq_len=seq,
+        tcfg = TrainConfig(out_dir=stage_dir, steps=run.demo_steps, batch_size=run.demo_batch,
+                           micro_batch_size=run.demo_batch, seq_len=seq,
                            lr=lr, warmup_steps=max(1, run.demo_steps // 10), dtype="fp32", log_every=10,
                            seed=0, export=True)
         model = load_model(init_dir, dtype=torch.float32)
@@ -717,12 +739,13 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
         info = {"steps": run.demo_steps, "lr": lr, "teacher": teacher_model is not None, "wall_s": time.time() - t0,
                 "cpu_s": time.process_time() - c0, "first_loss": r["history"][0]["loss"],
                 "last_loss": r["history"][-1]["loss"], "data": r["data"]}
-        shutil.copyfile(tok.path, os.path.join(stage_dir, "model", "tekken.json"))
+        if tok.path.endswith(".json"):  # a GGUF tokenizer stays where it is: pass --tokenizer to --chat
+            shutil.copyfile(tok.path, os.path.join(stage_dir, "model", "tekken.json"))
         write_json_atomic(done, info)
         return model, info
 
     def record(name, model, teacher=None, info=None):
-        m = demo_measure(model, tok, items, held, teacher)
+        m = demo_measure(model, tok, items, held, teacher, max_new_tokens=run.demo_new_tokens)
         results["models"][name] = {**m, **({"train": info} if info else {})}
         print(f"[demo] {name}: math {m['math']['accuracy']:.1%} qa {m['qa']['accuracy']:.1%} "
               f"CE {m['held_out_ce']:.3f} endless {m['math']['endless_rate']:.1%} loop {m['math']['loop_rate']:.1%}",
@@ -730,11 +753,16 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
         write_json_atomic(os.path.join(out, "results.json"), results)
 
     parent0 = load_model(parent_dir, dtype=torch.float32)
-    child0 = load_model(child_dir, dtype=torch.float32)
-    record("parent (cascade, before SFT)", parent0)
-    record("child (cascade, before SFT)", child0)
+    record("parent (before SFT)", parent0)
+    del parent0
     parent1, info = stage("parent_sft", parent_dir, None, run.demo_lr)
     record("parent SFT (CE)", parent1, info=info)
+    if child_dir is not None:
+        record("child (cascade, before SFT)", load_model(child_dir, dtype=torch.float32), teacher=parent1)
+    if child_dir is None:
+        write_demo_table(results, os.path.join(out, "table.md"))
+        print(open(os.path.join(out, "table.md")).read())
+        return 0
     child_ce, info = stage("child_sft_ce", child_dir, None, run.demo_lr)
     record("child plain SFT (CE)", child_ce, teacher=parent1, info=info)
     child_kl, info = stage("child_sft_kl", child_dir, parent1, run.demo_lr)

@@ -65,6 +65,21 @@ def test_chat_mask_covers_exactly_the_assistant_tokens(tok):
     assert stats["assistant_targets"] == int(valid.sum())
 
 
+def test_chat_loader_ranks_split_the_single_process_rows(tok):
+    examples, _ = S.encode_conversations(CHATS * 5, tok, 64)
+    one = S.ChatLoader(examples, 4, 63, tok.pad_id, seed=3)
+    ranks = [S.ChatLoader(examples, 2, 63, tok.pad_id, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for i in range(4):  # global row k = (i * world + rank) * B + j is the same row in both layouts
+        x1, y1 = one.batch(i)
+        x2 = torch.cat([ranks[0].batch(2 * i)[0], ranks[1].batch(2 * i)[0], ranks[0].batch(2 * i + 1)[0],
+                        ranks[1].batch(2 * i + 1)[0]])
+        assert torch.equal(torch.cat([one.batch(2 * i)[0], one.batch(2 * i + 1)[0]]), x2)
+        assert x1.shape == y1.shape == (4, 63)
+    # an epoch reads every example once: rows 0..9 are a permutation of the 10 examples
+    perm = one._perm(0)
+    assert sorted(perm.tolist()) == list(range(10))
+
+
 def _masked_reference(student, teacher, ids, mask, temperature):
     x, y = S.shift(ids, mask)
     valid = (y != -100).flatten()
@@ -87,6 +102,23 @@ def test_sft_loss_equals_the_masked_equation(tok, with_teacher):
     # averaged over the assistant targets: the same chats with twice the padding give the same loss
     ids2, mask2 = S.chat_batch(S.encode_conversations(CHATS, tok, 200)[0], tok.pad_id, ids.shape[1] + 9)
     torch.testing.assert_close(S.sft_loss(student, ids2, mask2, teacher, temperature=2.0), got, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_in_bf16_autocast_stays_close_to_fp32(tok):
+    """bf16 autocast (train.py's unsharded bf16): loss within 2% and gradients pointing the same way."""
+    student, teacher = make(), make(dataclasses.replace(TINY, dim=96), seed=1)
+    ids, mask = S.chat_batch(S.encode_conversations(CHATS, tok, 200)[0], tok.pad_id)
+    for t in (None, teacher):
+        grads = []
+        for amp in (False, True):
+            student.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = S.sft_loss(student, ids, mask, t)
+            loss.backward()
+            grads.append((float(loss.detach()), torch.cat([p.grad.flatten() for p in student.parameters()])))
+        (ref, g32), (got, g16) = grads
+        assert abs(got - ref) <= 0.02 * abs(ref) + 1e-3
+        assert F.cosine_similarity(g32, g16, dim=0) > 0.99
 
 
 def test_kl_sft_gradient_touches_only_masked_positions(tok):
@@ -259,3 +291,33 @@ def test_chat_mode_talks_to_a_checkpoint(tok, tmp_path):
     text = out.getvalue()
     assert text.count("model> ") == 2 and "you> " in text
     assert S.main(["--chat", str(tmp_path / "missing")]) == 1
+
+
+def test_math_traces_are_correct_worked_steps():
+    for it in D.math_problems(300, seed=5):
+        trace = S.math_trace(it["question"], it["answer"])
+        assert D.check_math_answer(trace, it["answer"])  # the trace's last number is the answer
+    with pytest.raises(ValueError, match="gives 13, the answer is 12"):
+        S.math_trace("What is 6 + 7?", "12")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_tiny_checkpoints(tmp_path):
+    """The demo's whole path (parent SFT, child plain and KL SFT, every measure, the table) on two tiny
+    random checkpoints; a rerun reuses the finished stages."""
+    parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
+    M.save_model(make(dataclasses.replace(TINY, dim=96, n_layers=3, hidden_dim=192)), parent)
+    M.save_model(make(), child)
+    argv = ["--demo", "--parent", parent, "--child", child, "--demo-out", str(tmp_path / "out"), "--demo-steps", "3",
+            "--demo-batch", "4", "--demo-math", "12", "--demo-qa", "4", "--demo-held-math", "4", "--demo-held-qa", "2",
+            "--demo-seq-len", "160"]
+    assert S.main(argv) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = list(res["models"])
+    assert len(names) == 5 and "KL" in names[-1]
+    for m in res["models"].values():
+        assert m["math"]["n"] == 4 and m["qa"]["n"] == 2 and m["held_out_ce"] > 0
+    assert res["models"][names[-1]]["train"]["teacher"] and not res["models"][names[-2]]["train"]["teacher"]
+    assert (tmp_path / "out" / "table.md").read_text().count("\n") == 7
+    assert S.main(argv) == 0  # finished stages are reused
+
