@@ -584,6 +584,7 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 class DemoConfig:
     child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
     policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
+    retable: Optional[str] = None  # only rewrite table.md beside this results.json (a recorded run) and exit
     max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
     ops: str = "+-"  # operations of the problems
     sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
@@ -638,6 +639,28 @@ def _plot(stats: list[dict], evals: list[dict], path: str):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def render_table(out: dict) -> list[str]:
+    """table.md's lines from a results.json (`python grpo.py --retable PATH` rewrites one from its record)."""
+    stats, start = out["rollouts"], "GRPO start: " + ("SFT-ed child" if out["config"]["demo"].get("policy") is None
+                                                    else "the policy as given, no SFT")
+    table = ["| held-out (greedy) | accuracy | format rate | mean length | truncation |", "|---|---:|---:|---:|---:|"]
+    for label, e in ((start, out["held_out_before"]), ("after GRPO", out["held_out_after"])):
+        table.append(f"| {label} | {e['accuracy']:.1%} | {e['format_rate']:.1%} | {e['mean_length']:.1f} | "
+                     f"{e['truncation_rate']:.1%} |")
+    p = out["held_out_paired"]
+    table.append(f"\nSame {out['held_out_after']['n']} held-out problems before and after: {p['wrong_to_right']} went "
+                 f"wrong -> right, {p['right_to_wrong']} right -> wrong (two-sided sign test p = {p['sign_test_p']:.3g}).")
+    k = max(1, min(10, len(stats) // 2))
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    table.append(f"\nTraining rollouts (T = {out['config']['grpo']['temperature']}), first {k} steps -> last {k}: mean "
+                 f"reward {mean(stats[:k], 'mean_reward'):.3f} -> {mean(stats[-k:], 'mean_reward'):.3f}, accuracy "
+                 f"{mean(stats[:k], 'accuracy'):.1%} -> {mean(stats[-k:], 'accuracy'):.1%}, zero-variance groups "
+                 f"{mean(stats[:k], 'zero_variance_groups'):.1%} -> {mean(stats[-k:], 'zero_variance_groups'):.1%}, "
+                 f"truncation {mean(stats[:k], 'truncation_rate'):.1%} -> {mean(stats[-k:], 'truncation_rate'):.1%}, "
+                 f"mean length {mean(stats[:k], 'mean_length'):.1f} -> {mean(stats[-k:], 'mean_length'):.1f}.")
+    return table
 
 
 def _sign_test(k: int, m: int) -> float:
@@ -704,26 +727,13 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
            "rollouts": stats, "reward_errors": res["reward_errors"]}
     write_json_atomic(os.path.join(root, "results.json"), out)
     _plot(stats, evals, os.path.join(root, "curves.png"))
-    table = ["| held-out (greedy) | accuracy | format rate | mean length | truncation |", "|---|---:|---:|---:|---:|"]
-    for label, e in (("SFT-ed child (GRPO start)", res["start"]), ("after GRPO", res["end"])):
-        table.append(f"| {label} | {e['accuracy']:.1%} | {e['format_rate']:.1%} | {e['mean_length']:.1f} | "
-                     f"{e['truncation_rate']:.1%} |")
     before, after = res["start"]["correct"], res["end"]["correct"]
     gained = sum(a and not b for a, b in zip(after, before))
     lost = sum(b and not a for a, b in zip(after, before))
     out["held_out_paired"] = {"wrong_to_right": gained, "right_to_wrong": lost,
                               "sign_test_p": _sign_test(gained, lost)}
     write_json_atomic(os.path.join(root, "results.json"), out)
-    table.append(f"\nSame {len(after)} held-out problems before and after: {gained} went wrong -> right, {lost} right -> "
-                 f"wrong (two-sided sign test p = {out['held_out_paired']['sign_test_p']:.3g}).")
-    k = min(10, len(stats))
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    table.append(f"\nTraining rollouts (T = {gcfg.temperature}), first {k} steps -> last {k}: mean reward "
-                 f"{mean(stats[:k], 'mean_reward'):.3f} -> {mean(stats[-k:], 'mean_reward'):.3f}, accuracy "
-                 f"{mean(stats[:k], 'accuracy'):.1%} -> {mean(stats[-k:], 'accuracy'):.1%}, zero-variance groups "
-                 f"{mean(stats[:k], 'zero_variance_groups'):.1%} -> {mean(stats[-k:], 'zero_variance_groups'):.1%}, "
-                 f"truncation {mean(stats[:k], 'truncation_rate'):.1%} -> {mean(stats[-k:], 'truncation_rate'):.1%}, "
-                 f"mean length {mean(stats[:k], 'mean_length'):.1f} -> {mean(stats[-k:], 'mean_length'):.1f}.")
+    table = render_table(out)
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     if dcfg.record:
@@ -763,6 +773,12 @@ def main(argv=None) -> int:
     print(json.dumps({"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(gcfg),
                       "demo": dataclasses.asdict(dcfg)}), flush=True)
     try:
+        if dcfg.retable:
+            lines = render_table(json.load(open(dcfg.retable)))
+            with open(os.path.join(os.path.dirname(dcfg.retable), "table.md"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            print("\n".join(lines))
+            return 0
         check_config(gcfg)
         demo(tcfg, gcfg, dcfg)
     except (ValueError, FileNotFoundError) as e:
