@@ -985,6 +985,20 @@ def math_problems(n: int, seed: int = 0, level: str = "mixed") -> list[dict]:
     return out
 
 
+def easy_math_problems(n: int, seed: int = 0, max_operand: int = 9, ops: str = "+-") -> list[dict]:
+    """The first kind of math_problems at a chosen difficulty: "What is a op b?" with 0 <= a, b <= max_operand.
+    RL demos need a starting pass rate between 10% and 90% (GRPO learns nothing from all-wrong groups);
+    small models reach that here, not on math_problems' two-digit mix. Problem i depends on (seed, i)."""
+    if n < 0 or max_operand < 1 or not ops or set(ops) - set("+-*"):
+        raise ValueError(f"easy_math_problems: n >= 0, max_operand >= 1 and ops from '+-*' (got {n}, {max_operand}, {ops!r})")
+    out = []
+    for i in range(n):
+        rng = random.Random(f"easy:{seed}:{i}")
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
+        out.append(dict(question=f"What is {a} {op} {b}?", answer=str({"+": a + b, "-": a - b, "*": a * b}[op])))
+    return out
+
+
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ["model.py", "data.py", "prune.py", "distill.py", "train.py", "cascade.py", "vision.py", "sft.py", "odpo.py"]
+FILES = ["model.py", "data.py", "prune.py", "distill.py", "train.py", "cascade.py", "vision.py", "sft.py", "odpo.py",
+         "generate.py", "grpo.py"]
 PROJECT = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
 
 

@@ -1,0 +1,791 @@
+"""GRPO as Magistral defines it: group advantages, the token-summed clipped objective, verifiable and
+rubric rewards, trained through train.py's one loop on rollouts from generate.py.
+
+Reading guide
+-------------
+Concept: PAPER.md section 8 (the reasoning RL stage; Ministral 3 follows Magistral, arXiv 2506.10910).
+For each prompt the current policy samples G responses; each gets a reward r_i; the advantage is
+`A_i = r_i - mean_group(r)`, then normalised over the minibatch; the per-token ratio is
+`rho = pi / pi_old` and the objective, maximised, is
+
+    J = mean over groups of  sum_i sum_t min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) / sum_i |o_i|
+
+(divided by the group's total generated tokens), with eps_low 0.2, eps_high 0.28, no KL term and no
+reference model. Groups whose rewards are all equal carry no signal and are dropped. One gradient step
+per rollout batch. Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
+0, else +0.1), correctness +0.9 (stage 1: a math checker; stage 2: the fraction of rubric items a
+judge says hold), and a soft length penalty down to -0.1 over the last l_cache tokens before the cap.
+
+The file reads top-down: config, `group_advantages`, `grpo_loss` (+ `loss_units`), rewards (format,
+numbers, math, judges and rubric, length penalty, the never-raising wrapper), the rollout loader and
+the loss_fn that train.py's loop calls, evaluation, `run_grpo`, the offline demo, the command line.
+
+Deviations and choices where the paper is silent:
+ 1. Variant switches for comparison: `adv_norm` "minibatch" (Magistral), "group" (GRPO's per-group
+    std), "none" (Dr. GRPO); `agg` "group_token" (Magistral), "seq_mean" (GRPO: per-sequence token
+    mean, then mean), "token_mean" (DAPO: all tokens of the batch), "constant" (Dr. GRPO: sum / (N T),
+    T the padded response length); `mask_truncated` drops responses cut at the cap from the loss (DAPO's
+    overlong filtering). Standard deviations are population ones (divide by n).
+ 2. "Minibatch" is one rank's rollouts of one optimizer step. Dropped groups leave the objective: the
+    mean is over the groups (or sequences, tokens) that are kept, counted over all micro-batches and
+    ranks of the step, so micro-batch losses add up to exactly that mean (train.py's contract).
+ 3. pi_old is the sampler: the engine's log-probs at the sampling temperature (generate.py, reading
+    guide 5). With one gradient step per batch, rho is 1 up to numerics on the first (only) step, and
+    the gradient is that of A * log pi, clipped where it would overshoot.
+ 4. Format gate, ours in detail: after stripping whitespace the response starts with `[THINK]`, holds
+    exactly one `[THINK]` and one `[/THINK]`, a non-empty trace and a non-empty answer after it, and
+    ended with EOS (a response cut at the cap has not given its final answer). The length penalty
+    applies to well-formatted responses only (a failed gate is 0, as in Magistral). `--no-format-gate`
+    (for a model that never learned [THINK], such as SmolLM2) reads the whole ended response as the answer.
+ 5. Answer parsing: only the text after `[/THINK]` counts; a `\\boxed{}` wins over plain text, and
+    several boxed answers that disagree score as wrong (hedging); otherwise the last number counts.
+    Numbers may be negative (ASCII, U+2212 minus, U+FE63, U+FF0D), use thousands separators, decimals,
+    `a/b` or `\\frac{a}{b}`, and compare exactly as fractions.
+ 6. Stage 2's judge is an interface (`Judge.holds(question, response, item) -> bool`). `ModelJudge`
+    asks a local checkpoint "yes or no" and compares the two tokens' logits; `RuleJudge` checks
+    machine-readable items ("contains:", "max_words:", "answer:", ...) and serves the tests.
+ 7. A reward function that raises scores that sample 0; the error is printed once per kind and
+    counted in the rollout log; the run goes on.
+
+Run: `python grpo.py` (the offline demo: SFT the cascade's smallest child on easy arithmetic with
+sft.py, then GRPO; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
+--no-format-gate --out runs/grpo_smollm2` (GRPO on the real model, no SFT); `python grpo.py --help`.
+Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (problems, tokenizer),
+sft.py (the demo's SFT stage and the [THINK] tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as D
+import sft as S
+from generate import RolloutConfig, RolloutWeights, rollout
+from model import Transformer, load_model, read_checkpoint_args, resolve_model_path
+from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G samples per prompt (Magistral: 16)
+    max_new_tokens: int = 48  # generation cap L_max (Magistral: 32K -> 80K)
+    temperature: float = 1.0  # sampling temperature; training log-probs use the same
+    eps_low: float = 0.2  # lower clip epsilon
+    eps_high: float = 0.28  # upper clip epsilon (clip-higher)
+    adv_norm: str = "minibatch"  # "minibatch" (Magistral), "group" (GRPO), "none" (Dr. GRPO)
+    agg: str = "group_token"  # "group_token" (Magistral), "seq_mean" (GRPO), "token_mean" (DAPO), "constant" (Dr. GRPO)
+    mask_truncated: bool = False  # drop responses cut at the cap from the loss (DAPO overlong filtering)
+    std_eps: float = 1e-6  # a group with reward std below this is dropped
+    l_cache: int = 8  # soft length penalty window before the cap (tokens)
+    reward: str = "math"  # "math" (stage 1, verifiable) or "rubric" (stage 2, judge)
+    format_gate: bool = True  # require [THINK]...[/THINK] + answer; off: the whole response is the answer
+    eval_every_steps: int = 30  # held-out evaluation every N steps (and at the end)
+
+
+VARIANTS = {"adv_norm": ("minibatch", "group", "none"), "agg": ("group_token", "seq_mean", "token_mean", "constant")}
+
+
+def check_config(cfg: GRPOConfig):
+    for name, allowed in VARIANTS.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"GRPOConfig.{name} is {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.group_size < 2:
+        raise ValueError(f"group_size {cfg.group_size}: GRPO needs G >= 2 (with G = 1, r - mean(r) = 0 for every "
+                         f"sample and nothing is learned); pass --group-size 2 or more")
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature {cfg.temperature}: GRPO samples, so it must be > 0 (1.0 in Magistral)")
+    if not 0 <= cfg.l_cache < cfg.max_new_tokens:
+        raise ValueError(f"l_cache {cfg.l_cache} must lie in [0, max_new_tokens {cfg.max_new_tokens})")
+    if cfg.reward not in ("math", "rubric"):
+        raise ValueError(f"reward {cfg.reward!r}: choose 'math' or 'rubric'")
+
+
+# -----------------------------------------------------------------------------
+# Advantages and the loss (PAPER.md section 8)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "minibatch",
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], kept [N] bool) for rewards [N], groups of group_size contiguous samples.
+
+    A_i = r_i - mean_group(r); groups whose reward std is below eps are dropped (A = 0, kept False).
+    norm "minibatch": then (A - mean(A)) / std(A) over the kept samples (Magistral); "group": divided by
+    the group's std instead (GRPO); "none": left as is (Dr. GRPO)."""
+    if group_size < 2:
+        raise ValueError(f"group_size {group_size}: with G = 1 every advantage is 0; use G >= 2")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size {group_size} entries, got "
+                         f"{tuple(rewards.shape)}")
+    r_GS = rewards.float().view(-1, group_size)
+    std_G = r_GS.std(-1, correction=0)
+    kept_G = std_G >= eps
+    adv_GS = r_GS - r_GS.mean(-1, keepdim=True)
+    if norm == "group":
+        adv_GS = adv_GS / (std_G[:, None] + eps)
+    elif norm == "minibatch":
+        a = adv_GS[kept_G]
+        if a.numel():
+            adv_GS = (adv_GS - a.mean()) / (a.std(correction=0) + eps)
+    elif norm != "none":
+        raise ValueError(f"norm {norm!r}: choose minibatch, group or none")
+    kept = kept_G[:, None].expand_as(adv_GS)
+    return (adv_GS * kept).flatten(), kept.flatten()
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              group_size: int, eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "group_token") -> torch.Tensor:
+    """Minus the clipped objective. logp, old_logp, mask [N, T] (mask 1 = a generated token that counts),
+    advantages [N]; samples of a group contiguous. agg: reading guide, deviation 1. A batch with no
+    counted token gives a zero that still depends on logp (so backward runs everywhere)."""
+    N, T = logp.shape
+    if N % group_size:
+        raise ValueError(f"{N} samples are not whole groups of {group_size}")
+    m = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    A = advantages.to(logp.dtype)[:, None]
+    obj_NT = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A) * m
+    if agg == "group_token":
+        num_G = obj_NT.reshape(-1, group_size * T).sum(-1)
+        tok_G = m.reshape(-1, group_size * T).sum(-1)
+        has = tok_G > 0
+        J = (num_G[has] / tok_G[has]).sum() / has.sum().clamp(min=1)
+    elif agg == "seq_mean":
+        tok_N = m.sum(-1)
+        has = tok_N > 0
+        J = (obj_NT.sum(-1)[has] / tok_N[has]).sum() / has.sum().clamp(min=1)
+    elif agg == "token_mean":
+        J = obj_NT.sum() / m.sum().clamp(min=1)
+    elif agg == "constant":
+        J = obj_NT.sum() / (N * T)
+    else:
+        raise ValueError(f"agg {agg!r}: choose group_token, seq_mean, token_mean or constant")
+    return -J + 0.0 * logp.sum()
+
+
+def loss_units(mask: torch.Tensor, group_size: int, agg: str) -> int:
+    """How many units grpo_loss averages over: groups / sequences / tokens with a counted token, or samples."""
+    m = mask.bool()
+    if agg == "group_token":
+        return int(m.reshape(-1, group_size * m.shape[1]).any(-1).sum())
+    if agg == "seq_mean":
+        return int(m.any(-1).sum())
+    if agg == "token_mean":
+        return int(m.sum())
+    return m.shape[0]
+
+
+# -----------------------------------------------------------------------------
+# Rewards
+
+
+THINK, END_THINK = "[THINK]", "[/THINK]"
+
+
+def split_think(text: str) -> Optional[tuple[str, str]]:
+    """(trace, answer) when the response passes the format gate (deviation 4, EOS aside), else None."""
+    t = text.strip()
+    if not t.startswith(THINK) or t.count(THINK) != 1 or t.count(END_THINK) != 1:
+        return None
+    trace, answer = t[len(THINK):].split(END_THINK)
+    if not trace.strip() or not answer.strip():
+        return None
+    return trace.strip(), answer.strip()
+
+
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(-?\d+)\s*\}")
+_NUM = re.compile(r"(?<![\w.])-?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*-?\d+(?!\.\d))?")
+_BOX = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def parse_number(s: str) -> Optional[Fraction]:
+    """One number written as an integer, decimal, fraction a/b or \\frac{a}{b}; None when it is not one."""
+    s = _FRAC.sub(r"\1/\2", s.translate(_MINUS)).strip().rstrip(".")
+    m = _NUM.fullmatch(s)
+    if m is None:
+        return None
+    try:
+        return Fraction(re.sub(r"[\s,]", "", m.group(0)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def extract_answer(answer: str) -> Optional[Fraction]:
+    """The final answer of the text after [/THINK] (deviation 5)."""
+    answer = _FRAC.sub(r"\1/\2", answer.translate(_MINUS))
+    boxed = _BOX.findall(answer)
+    if boxed:
+        values = {parse_number(b) for b in boxed}
+        return values.pop() if len(values) == 1 else None  # disagreeing boxed answers (or unparsable) score 0
+    nums = _NUM.findall(answer)
+    return parse_number(nums[-1]) if nums else None
+
+
+def math_correct(answer: str, gold: str) -> bool:
+    got, want = extract_answer(answer), parse_number(str(gold))
+    if want is None:
+        raise ValueError(f"the reference answer {gold!r} is not a number")
+    return got is not None and got == want
+
+
+class Judge(Protocol):
+    def holds(self, question: str, response: str, item: str) -> bool: ...
+
+
+class RuleJudge:
+    """Machine-readable rubric items: 'contains:X', 'not_contains:X', 'max_words:N', 'min_words:N',
+    'regex:PATTERN', 'answer:NUMBER' (the math checker). Unknown kinds raise (a rubric typo is a bug)."""
+
+    def holds(self, question: str, response: str, item: str) -> bool:
+        kind, _, arg = item.partition(":")
+        if kind == "contains":
+            return arg.lower() in response.lower()
+        if kind == "not_contains":
+            return arg.lower() not in response.lower()
+        if kind == "max_words":
+            return len(response.split()) <= int(arg)
+        if kind == "min_words":
+            return len(response.split()) >= int(arg)
+        if kind == "regex":
+            return re.search(arg, response) is not None
+        if kind == "answer":
+            return math_correct(response, arg)
+        raise ValueError(f"rubric item {item!r}: unknown kind {kind!r}")
+
+
+class ModelJudge:
+    """A local chat model asked whether one rubric item holds; 'yes' when its logit beats 'no'."""
+
+    def __init__(self, model: Transformer, tok):
+        self.model, self.tok = model.eval(), tok
+        self.yes, self.no = tok.encode("yes")[0], tok.encode("no")[0]
+
+    @torch.no_grad()
+    def holds(self, question: str, response: str, item: str) -> bool:
+        ask = (f"Question: {question}\nResponse: {response}\nDoes the response satisfy this requirement: {item}\n"
+               f"Answer yes or no.")
+        ids = self.tok.encode_chat([{"role": "user", "content": ask}])[0][-self.model.args.max_seq_len:]
+        logits = self.model(torch.tensor([ids], device=self.model.embed_tokens.weight.device))[0, -1]
+        return bool(logits[self.yes] > logits[self.no])
+
+
+def rubric_score(judge: Judge, question: str, answer: str, items: list[str]) -> float:
+    """Stage 2: the fraction of rubric items the judge says hold."""
+    if not items:
+        raise ValueError(f"no rubric items for {question!r}")
+    return sum(bool(judge.holds(question, answer, it)) for it in items) / len(items)
+
+
+def length_penalty(n_tokens: int, max_new_tokens: int, l_cache: int) -> float:
+    """0 up to max_new_tokens - l_cache tokens, then linear down to -0.1 at the cap."""
+    start = max_new_tokens - l_cache
+    if l_cache <= 0 or n_tokens <= start:
+        return 0.0
+    return -0.1 * min(1.0, (n_tokens - start) / l_cache)
+
+
+def final_part(text: str, truncated: bool, format_gate: bool = True) -> Optional[str]:
+    """The answer a response gives, None when it fails the format gate. format_gate False (a model that never
+    learned [THINK], such as SmolLM2): the whole response, when it ended and is not empty."""
+    if truncated:
+        return None
+    if not format_gate:
+        return text.strip() or None
+    parts = split_think(text)
+    return None if parts is None else parts[1]
+
+
+def make_reward(cfg: GRPOConfig, judge: Optional[Judge] = None) -> Callable[[dict], float]:
+    """reward(sample) for sample = {text, tokens, n_tokens, truncated, problem: {question, answer | rubric}}."""
+    def reward(s: dict) -> float:
+        answer = final_part(s["text"], s["truncated"], cfg.format_gate)
+        if answer is None:
+            return 0.0
+        if cfg.reward == "math":
+            score = float(math_correct(answer, s["problem"]["answer"]))
+        else:
+            score = rubric_score(judge or RuleJudge(), s["problem"]["question"], answer, s["problem"]["rubric"])
+        return 0.1 + 0.9 * score + length_penalty(s["n_tokens"], cfg.max_new_tokens, cfg.l_cache)
+    return reward
+
+
+def safe_rewards(reward_fn: Callable[[dict], float], samples: list[dict], log: dict) -> list[float]:
+    """Deviation 7: an exception (or a non-finite value) scores 0, is counted in log, printed once per kind."""
+    out = []
+    for s in samples:
+        try:
+            r = float(reward_fn(s))
+            if not math.isfinite(r):
+                raise ValueError(f"reward is {r}")
+        except Exception as e:  # noqa: BLE001: any bug in a user reward must not stop the run
+            kind = f"{type(e).__name__}: {e}"[:200]
+            if kind not in log.setdefault("kinds", {}):
+                print(f"[grpo] reward function failed ({kind}); that sample scores 0, the run goes on",
+                      file=sys.stderr, flush=True)
+            log["kinds"][kind] = log["kinds"].get(kind, 0) + 1
+            log["count"] = log.get("count", 0) + 1
+            r = 0.0
+        out.append(r)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Rollouts feeding train.py's loop
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    return tok.encode_chat([{"role": "user", "content": question}])[0]
+
+
+class RolloutLoader:
+    """train.py's loader contract, batch(i) -> (inputs [B, T], targets [B, T]), filled online.
+
+    At the first micro-batch of an optimizer step it samples G responses to each of the step's prompts
+    on this rank (all micro-batches at once: the advantages are normalised over them), scores them and
+    queues, per micro-batch, old log-probs, advantages, the loss mask and the share of the step's loss
+    units (deviation 2); `grpo_loss_fn` pops them in order and checks the tokens match."""
+
+    def __init__(self, model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, reward_fn, *,
+                 micro_batch_size: int, grad_accum: int, seed: int = 0, log_path: Optional[str] = None):
+        check_config(cfg)
+        if micro_batch_size % cfg.group_size:
+            raise ValueError(f"micro_batch_size {micro_batch_size} must be a multiple of group_size {cfg.group_size} "
+                             f"(a group's samples share one micro-batch)")
+        if not problems:
+            raise ValueError("GRPO needs at least one problem")
+        self.model, self.tok, self.cfg, self.reward_fn = model, tok, cfg, reward_fn
+        self.problems = problems
+        self.ids = [prompt_ids(tok, p["question"]) for p in problems]
+        ctx = model.args.max_seq_len
+        for p, ids in zip(problems, self.ids):
+            if len(ids) + cfg.max_new_tokens > ctx:
+                raise ValueError(f"the prompt {p['question'][:60]!r} has {len(ids)} tokens; with max_new_tokens "
+                                 f"{cfg.max_new_tokens} it exceeds the context {ctx}: drop it or lower --max-new-tokens")
+        self.B, self.accum, self.seed = micro_batch_size, grad_accum, seed
+        self.seq_len = max(len(i) for i in self.ids) + cfg.max_new_tokens - 1
+        self.ready: deque = deque()
+        self.queue: deque = deque()
+        self.log_path, self.stats, self.reward_errors = log_path, [], {}
+        self.weights: Optional[RolloutWeights] = None
+
+    def _prompts_for(self, step: int) -> list[int]:
+        rank, world = _rank_world()
+        n = self.accum * self.B // self.cfg.group_size
+        out = []
+        for j in range(n):
+            k = (step * world + rank) * n + j
+            epoch, pos = divmod(k, len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(f"grpo:{self.seed}:{epoch}").shuffle(order)
+            out.append(order[pos])
+        return out
+
+    def _roll(self, step: int):
+        cfg, G, tok = self.cfg, self.cfg.group_size, self.tok
+        rank, world = _rank_world()
+        idx = self._prompts_for(step)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if self.weights is None:
+            self.weights = RolloutWeights(self.model)
+        else:
+            self.weights.refresh(self.model)  # the weights after the last optimizer step (collective under FSDP2)
+        rc = RolloutConfig(max_new_tokens=cfg.max_new_tokens, group_size=G, temperature=cfg.temperature,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id, seed=self.seed * 1_000_003 + step * world + rank)
+        r = rollout(self.weights, [self.ids[k] for k in idx], rc)
+        t_roll = time.perf_counter() - t0
+        samples = []
+        for row, (toks, n, trunc) in enumerate(zip(r.tokens.tolist(), r.lengths.tolist(), r.truncated.tolist())):
+            body = toks[:n - 1] if not trunc else toks[:n]  # the EOS is not text
+            samples.append({"text": tok.decode(body, special="keep"), "tokens": toks[:n], "n_tokens": n,
+                            "truncated": trunc, "problem": self.problems[idx[row // G]]})
+        rewards = torch.tensor(safe_rewards(self.reward_fn, samples, self.reward_errors))
+        adv, kept = group_advantages(rewards, G, cfg.adv_norm, cfg.std_eps)
+        N, T = r.tokens.shape[0], self.seq_len
+        inputs = torch.full((N, T), tok.pad_id, dtype=torch.long)
+        targets = torch.full((N, T), -100, dtype=torch.long)
+        old = torch.zeros(N, T)
+        for row in range(N):
+            p, n = self.ids[idx[row // G]], int(r.lengths[row])
+            seq = torch.tensor(p + r.tokens[row, :n].tolist())
+            inputs[row, :len(seq) - 1] = seq[:-1]
+            targets[row, len(p) - 1:len(seq) - 1] = seq[len(p):]
+            old[row, len(p) - 1:len(seq) - 1] = r.logprobs[row, :n].cpu()
+        mask = (targets != -100) & kept[:, None]
+        if cfg.mask_truncated:
+            mask &= ~r.truncated.cpu()[:, None]
+        recs = []
+        for m in range(self.accum):
+            sl = slice(m * self.B, (m + 1) * self.B)
+            recs.append({"inputs": inputs[sl], "targets": targets[sl], "old_logp": old[sl], "adv": adv[sl],
+                         "mask": mask[sl], "units": loss_units(mask[sl], G, cfg.agg)})
+        total = sum(x["units"] for x in recs)
+        if dist.is_initialized():
+            t = torch.tensor([float(total)], dtype=torch.float64,
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            total = int(t.item())
+        for x in recs:
+            x["global_units"] = max(total, 1)
+            self.ready.append(x)
+        parts = [final_part(s["text"], s["truncated"], cfg.format_gate) for s in samples]
+        correct = [p is not None and _safe_correct(p, s["problem"]) for p, s in zip(parts, samples)]
+        std_G = rewards.view(-1, G).std(-1, correction=0)
+        stat = {"step": step + 1, "mean_reward": float(rewards.mean()), "accuracy": sum(correct) / N,
+                "format_rate": sum(p is not None for p in parts) / N,
+                "mean_length": float(r.lengths.float().mean()), "truncation_rate": float(r.truncated.float().mean()),
+                "zero_variance_groups": float((std_G < cfg.std_eps).float().mean()),
+                "reward_errors": self.reward_errors.get("count", 0), "rollout_s": t_roll,
+                "rollout_cpu_s": time.process_time() - c0, "new_tokens": int(r.lengths.sum()),
+                "rollout_tok_s": float(r.lengths.sum()) / max(t_roll, 1e-9)}
+        self.stats.append(stat)
+        if self.log_path and rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(stat) + "\n")
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i % self.accum == 0:
+            self.ready.clear()
+            self._roll(i // self.accum)
+        rec = self.ready.popleft()
+        self.queue.append(rec)
+        return rec["inputs"], rec["targets"]
+
+
+def _safe_correct(answer: str, problem: dict) -> bool:
+    try:
+        return "answer" in problem and math_correct(answer, problem["answer"])
+    except ValueError:
+        return False
+
+
+def token_logprobs(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each target [B, T] (0 where the target is -100), computed only at the
+    response positions: no [B, T, V] tensor."""
+    sel_BT = targets_BT != -100
+
+    def head(h_BTD, W_VD):
+        logits_NV = F.linear(h_BTD[sel_BT], W_VD).float() / temperature
+        lp_N = logits_NV.log_softmax(-1).gather(-1, targets_BT[sel_BT][:, None])[:, 0]
+        return torch.zeros(sel_BT.shape, dtype=lp_N.dtype, device=lp_N.device).masked_scatter(sel_BT, lp_N)
+
+    return model(inputs_BT, head_fn=head)
+
+
+def grpo_loss_fn(loader: RolloutLoader, cfg: GRPOConfig) -> Callable:
+    """loss_fn(model, inputs, targets, n_total) for train.train: this micro-batch's share of the step's mean."""
+    def loss_fn(model, inputs_BT, targets_BT, n_total):
+        rec = loader.queue.popleft()
+        if not torch.equal(rec["inputs"], inputs_BT.cpu()):
+            raise RuntimeError("grpo: the loss got a batch the rollout loader did not queue (out of order)")
+        logp = token_logprobs(model, inputs_BT, targets_BT, cfg.temperature)
+        dev = logp.device
+        loss = grpo_loss(logp, rec["old_logp"].to(dev), rec["adv"].to(dev), rec["mask"].to(dev), cfg.group_size,
+                         cfg.eps_low, cfg.eps_high, cfg.agg)
+        with torch.no_grad():
+            m = rec["mask"].to(dev)
+            if m.any():
+                ratio = torch.exp(logp - rec["old_logp"].to(dev))[m]
+                loader.stats[-1]["ratio_max_dev"] = max(loader.stats[-1].get("ratio_max_dev", 0.0),
+                                                        float((ratio - 1).abs().max()))
+        return loss * rec["units"] / rec["global_units"]
+    return loss_fn
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy answers to held-out problems
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, batch_size: int = 64) -> dict:
+    """Held-out exact-answer accuracy (format gate passed and correct), format rate, mean length,
+    truncation rate, greedy, through the rollout engine."""
+    W = RolloutWeights(model)
+    rc = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    n_ok = n_fmt = n_trunc = n_tok = 0
+    samples, per_problem = [], []
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s:s + batch_size]
+        r = rollout(W, [prompt_ids(tok, p["question"]) for p in chunk], rc)
+        for p, toks, n, trunc in zip(chunk, r.tokens.tolist(), r.lengths.tolist(), r.truncated.tolist()):
+            text = tok.decode(toks[:n - 1] if not trunc else toks[:n], special="keep")
+            answer = final_part(text, trunc, cfg.format_gate)
+            fmt = answer is not None
+            ok = fmt and _safe_correct(answer, p)
+            n_ok, n_fmt, n_trunc, n_tok = n_ok + ok, n_fmt + fmt, n_trunc + trunc, n_tok + n
+            per_problem.append(int(ok))
+            if len(samples) < 4:
+                samples.append({"question": p["question"], "answer": p.get("answer"), "output": text, "correct": ok})
+    n = max(len(problems), 1)
+    return {"n": len(problems), "accuracy": n_ok / n, "format_rate": n_fmt / n, "mean_length": n_tok / n,
+            "truncation_rate": n_trunc / n, "samples": samples, "correct": per_problem}
+
+
+def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, train_cfg: TrainConfig, *, device,
+             eval_problems: Optional[list[dict]] = None, reward_fn: Optional[Callable] = None,
+             judge: Optional[Judge] = None, name: str = "grpo") -> dict:
+    """GRPO on `problems` through train.train: train_cfg.steps optimizer steps, each on the rollouts of
+    train_cfg.batch_size / G prompts (global). Returns train()'s dict plus "rollouts" (per-step stats),
+    "start"/"end" held-out evaluations and "reward_errors"."""
+    check_config(cfg)
+    _, world = _rank_world()
+    accum = train_cfg.batch_size // (train_cfg.micro_batch_size * world)
+    if accum < 1 or train_cfg.batch_size % (train_cfg.micro_batch_size * world):
+        raise ValueError(f"batch_size {train_cfg.batch_size} must be a multiple of micro_batch_size "
+                         f"{train_cfg.micro_batch_size} x world size {world}")
+    os.makedirs(train_cfg.out_dir, exist_ok=True)
+    loader = RolloutLoader(model, tok, problems, cfg, reward_fn or make_reward(cfg, judge),
+                           micro_batch_size=train_cfg.micro_batch_size, grad_accum=accum, seed=train_cfg.seed,
+                           log_path=os.path.join(train_cfg.out_dir, "rollouts.jsonl"))
+    train_cfg = dataclasses.replace(train_cfg, seq_len=loader.seq_len, eval_every=cfg.eval_every_steps)
+    start_file = os.path.join(train_cfg.out_dir, "eval_start.json")
+    start = None
+    if eval_problems:
+        if os.path.exists(start_file):  # a resumed run keeps the evaluation of the true start
+            with open(start_file) as f:
+                start = json.load(f)
+        else:
+            start = evaluate(model, tok, eval_problems, cfg)
+            write_json_atomic(start_file, start)
+    eval_fn = (lambda m: evaluate(m, tok, eval_problems, cfg)) if eval_problems else None
+    out = train(model, loader, grpo_loss_fn(loader, cfg), train_cfg, device=device, eval_fn=eval_fn, name=name,
+                run_info={"grpo": dataclasses.asdict(cfg), "problems": len(problems)})
+    return {**out, "rollouts": loader.stats, "start": start, "end": out["evals"][-1]["eval"] if out["evals"] else None,
+            "reward_errors": loader.reward_errors}
+
+
+# -----------------------------------------------------------------------------
+# The offline demo: SFT the cascade's smallest child on easy arithmetic, then GRPO
+
+
+@dataclass
+class DemoConfig:
+    child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
+    policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
+    retable: Optional[str] = None  # only rewrite table.md beside this results.json (a recorded run) and exit
+    max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
+    ops: str = "+-"  # operations of the problems
+    sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
+    sft_steps: int = 300  # SFT optimizer steps (the start must leave room: 10-90% held-out)
+    sft_lr: float = 3e-3  # SFT peak learning rate
+    grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
+    eval_problems: int = 200  # held-out problems, none of whose questions occur in SFT or GRPO
+    record: Optional[str] = "benchmarks/grpo"  # results.json, table.md and curves.png are copied here
+
+
+CASCADE_CHILDREN = ("runs/cascade/3b/short/model", "runs/cascade/3b/long/model")
+
+
+def demo_problems(dcfg: DemoConfig) -> dict:
+    """Train and held-out splits with disjoint questions (the held-out gain must be on unseen problems)."""
+    pool = D.easy_math_problems(dcfg.sft_problems + dcfg.grpo_problems + 20 * dcfg.eval_problems, seed=0,
+                                max_operand=dcfg.max_operand, ops=dcfg.ops)
+    questions = sorted({p["question"] for p in pool})
+    random.Random(0).shuffle(questions)
+    n_held = min(len(questions) // 4, dcfg.eval_problems)
+    held_q = set(questions[:n_held])
+    held = sorted((p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q),
+                  key=lambda p: questions.index(p["question"]))[:dcfg.eval_problems]
+    train_pool = [p for p in pool if p["question"] not in held_q]
+    return {"sft": train_pool[:dcfg.sft_problems], "grpo": train_pool[dcfg.sft_problems:][:dcfg.grpo_problems],
+            "held": held}
+
+
+def _plot(stats: list[dict], evals: list[dict], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    steps = [s["step"] for s in stats]
+    axes[0].plot(steps, [s["mean_reward"] for s in stats], label="mean reward (rollouts)")
+    axes[0].plot(steps, [s["accuracy"] for s in stats], label="accuracy (rollouts, T=1)")
+    axes[0].plot([e["step"] for e in evals], [e["eval"]["accuracy"] for e in evals], "o-", label="held-out accuracy (greedy)")
+    axes[0].set_xlabel("GRPO step")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps, [s["format_rate"] for s in stats], label="format rate")
+    axes[1].plot(steps, [s["zero_variance_groups"] for s in stats], label="zero-variance groups")
+    axes[1].plot(steps, [s["truncation_rate"] for s in stats], label="truncation rate")
+    axes[1].set_xlabel("GRPO step")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [s["mean_length"] for s in stats], label="mean length (rollouts)")
+    axes[2].plot([e["step"] for e in evals], [e["eval"]["mean_length"] for e in evals], "o-", label="mean length (held-out)")
+    axes[2].set_xlabel("GRPO step")
+    axes[2].set_ylabel("new tokens")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_table(out: dict) -> list[str]:
+    """table.md's lines from a results.json (`python grpo.py --retable PATH` rewrites one from its record)."""
+    stats, start = out["rollouts"], "GRPO start: " + ("SFT-ed child" if out["config"]["demo"].get("policy") is None
+                                                    else "the policy as given, no SFT")
+    table = ["| held-out (greedy) | accuracy | format rate | mean length | truncation |", "|---|---:|---:|---:|---:|"]
+    for label, e in ((start, out["held_out_before"]), ("after GRPO", out["held_out_after"])):
+        table.append(f"| {label} | {e['accuracy']:.1%} | {e['format_rate']:.1%} | {e['mean_length']:.1f} | "
+                     f"{e['truncation_rate']:.1%} |")
+    p = out["held_out_paired"]
+    table.append(f"\nSame {out['held_out_after']['n']} held-out problems before and after: {p['wrong_to_right']} went "
+                 f"wrong -> right, {p['right_to_wrong']} right -> wrong (two-sided sign test p = {p['sign_test_p']:.3g}).")
+    k = max(1, min(10, len(stats) // 2))
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    table.append(f"\nTraining rollouts (T = {out['config']['grpo']['temperature']}), first {k} steps -> last {k}: mean "
+                 f"reward {mean(stats[:k], 'mean_reward'):.3f} -> {mean(stats[-k:], 'mean_reward'):.3f}, accuracy "
+                 f"{mean(stats[:k], 'accuracy'):.1%} -> {mean(stats[-k:], 'accuracy'):.1%}, zero-variance groups "
+                 f"{mean(stats[:k], 'zero_variance_groups'):.1%} -> {mean(stats[-k:], 'zero_variance_groups'):.1%}, "
+                 f"truncation {mean(stats[:k], 'truncation_rate'):.1%} -> {mean(stats[-k:], 'truncation_rate'):.1%}, "
+                 f"mean length {mean(stats[:k], 'mean_length'):.1f} -> {mean(stats[-k:], 'mean_length'):.1f}.")
+    return table
+
+
+def _sign_test(k: int, m: int) -> float:
+    """Two-sided exact sign test of k successes against m failures (paired flips), p under a fair coin."""
+    n = k + m
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, m) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
+    t0, c0 = time.time(), time.process_time()
+    root = tcfg.out_dir  # sft/, grpo/ and the results go here (rerun = resume)
+    os.makedirs(root, exist_ok=True)
+    splits = demo_problems(dcfg)
+    log = lambda msg: print(f"[grpo demo] {msg}", flush=True)
+    if dcfg.policy is not None:  # a ready policy (e.g. SmolLM2 from its GGUF): no SFT
+        child = resolve_model_path(dcfg.policy)
+        model = load_model(child, dtype=torch.float32)
+        tok = D.Tokenizer.from_file(child if child.endswith(".gguf") else os.path.join(child, "tekken.json"),
+                                    vocab_size=None if child.endswith(".gguf") else model.args.vocab_size)
+    else:
+        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
+        if child is None or not os.path.isdir(child):
+            raise FileNotFoundError(f"no base model: run `python cascade.py` first (it writes {CASCADE_CHILDREN[0]}) "
+                                    f"or pass --child PATH (or --policy PATH to skip SFT)")
+        V = read_checkpoint_args(child)[0].vocab_size
+        tok = D.Tokenizer.from_file(S.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
+                                    vocab_size=V)
+        # 1. SFT (sft.py) on reasoning chats: [THINK] the worked step [/THINK] the number
+        sft_dir = os.path.join(root, "sft")
+        if not os.path.exists(os.path.join(sft_dir, "done.json")):
+            convs = [[{"role": "user", "content": p["question"]},
+                      {"role": "assistant", "content": p["answer"], "thinking": S.math_trace(p["question"], p["answer"])}]
+                     for p in splits["sft"]]
+            seq = max(len(tok.encode_chat(c)[0]) for c in convs) - 1
+            scfg = TrainConfig(out_dir=sft_dir, steps=dcfg.sft_steps, batch_size=32, micro_batch_size=32, seq_len=seq,
+                               lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10), dtype="fp32", log_every=10,
+                               resume=True, export=True)
+            log(f"SFT {child} on {len(convs)} reasoning chats for {dcfg.sft_steps} steps")
+            model = load_model(child, dtype=torch.float32)
+            S.run_sft(model, convs, tok, scfg, S.SFTConfig(), device="cpu", name="sft")
+            write_json_atomic(os.path.join(sft_dir, "done.json"), {"child": child, "steps": dcfg.sft_steps})
+        # 2. GRPO from the SFT-ed model
+        model = load_model(os.path.join(sft_dir, "model"), dtype=torch.float32)
+    gdir = os.path.join(root, "grpo")
+    tcfg = dataclasses.replace(tcfg, out_dir=gdir, resume=True)
+    log(f"GRPO: {tcfg.steps} steps x {tcfg.batch_size // gcfg.group_size} prompts x G={gcfg.group_size}; "
+        f"held-out {len(splits['held'])} problems")
+    res = run_grpo(model, tok, splits["grpo"], gcfg, tcfg, device="cpu", eval_problems=splits["held"])
+    stats = [json.loads(l) for l in open(os.path.join(gdir, "rollouts.jsonl"))]
+    evals = [{"step": 0, "eval": res["start"]}] + [e for e in res["evals"]]
+    out = {"what": "grpo.py offline demo: GRPO (Magistral recipe) on easy arithmetic from the SFT-ed smallest cascade child",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": f"cpu ({os.cpu_count()} cores, "
+           f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+           "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None,
+           "wall_s": time.time() - t0, "process_cpu_s": time.process_time() - c0,
+           "note": "wall time on a shared machine (other jobs running): process CPU time beside it; a resumed run "
+                   "counts only its own part",
+           "child": child, "splits": {k: len(v) for k, v in splits.items()},
+           "config": {"grpo": dataclasses.asdict(gcfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
+           "held_out_before": res["start"], "held_out_after": res["end"], "evals": evals,
+           "rollouts": stats, "reward_errors": res["reward_errors"]}
+    write_json_atomic(os.path.join(root, "results.json"), out)
+    _plot(stats, evals, os.path.join(root, "curves.png"))
+    before, after = res["start"]["correct"], res["end"]["correct"]
+    gained = sum(a and not b for a, b in zip(after, before))
+    lost = sum(b and not a for a, b in zip(after, before))
+    out["held_out_paired"] = {"wrong_to_right": gained, "right_to_wrong": lost,
+                              "sign_test_p": _sign_test(gained, lost)}
+    write_json_atomic(os.path.join(root, "results.json"), out)
+    table = render_table(out)
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    if dcfg.record:
+        os.makedirs(dcfg.record, exist_ok=True)
+        write_json_atomic(os.path.join(dcfg.record, "results.json"), out)
+        for name in ("curves.png", "table.md"):
+            with open(os.path.join(root, name), "rb") as src, open(os.path.join(dcfg.record, name), "wb") as dst:
+                dst.write(src.read())
+    print("\n".join(table))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class GRPOTrainConfig(TrainConfig):
+    """train.py's flags with the demo's GRPO-stage defaults; out_dir is the demo's root folder."""
+    out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})  # sft/, grpo/, results
+    steps: int = 120  # GRPO optimizer steps (one per rollout batch)
+    batch_size: int = 256  # samples per step (global): 32 prompts x G 8
+    micro_batch_size: int = 64  # samples per forward (whole groups)
+    seq_len: int = 0  # set from the prompts and max_new_tokens
+    lr: float = 2e-4  # peak learning rate (1e-3 collapsed the demo's tiny policy within 20 steps)
+    warmup_steps: int = 0  # constant learning rate (min_lr_ratio 1)
+    min_lr_ratio: float = 1.0  # no decay
+    weight_decay: float = 0.0  # none in RL
+    dtype: str = "fp32"  # bf16 on a GPU
+    log_every: int = 5  # progress line every N steps
+
+
+def main(argv=None) -> int:
+    tcfg, gcfg, dcfg = configs_from_args([GRPOTrainConfig, GRPOConfig, DemoConfig], argv,
+                                         description="GRPO with verifiable rewards (PAPER.md section 8): the demo.")
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    print(json.dumps({"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(gcfg),
+                      "demo": dataclasses.asdict(dcfg)}), flush=True)
+    try:
+        if dcfg.retable:
+            lines = render_table(json.load(open(dcfg.retable)))
+            with open(os.path.join(os.path.dirname(dcfg.retable), "table.md"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            print("\n".join(lines))
+            return 0
+        check_config(gcfg)
+        demo(tcfg, gcfg, dcfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
