@@ -11,17 +11,21 @@ its `</s>`), position by position: a token is trained when its TARGET is an assi
 
 The interface others code against (odpo.py, grpo.py start from an SFT-ed model; their reward models
 are trained by SFT):
-    sft_loss(student, ids, mask, teacher=None, temperature=1.0) -> scalar
+    sft_loss(student, ids, mask, teacher=None, temperature=1.0, *, images=None) -> scalar
         ids, mask: [B, T] int64 tensors from `chat_batch` (data.Tokenizer.encode_chat, padded; mask 1 =
         a token the assistant produces). Positions t with mask[:, t+1] = 1 are trained, averaged over
         them. No teacher: next-token CE; a teacher: forward KL(p_T || p_S) there, both logit sets
         divided by T, no T^2 (distill.py's convention). Through distill.py's fused losses: no [B, T, V].
+        images: the CHW tensors whose [IMG] tokens are in ids, in order; student (and teacher) are then
+        vision.VisionLanguageModel-like (forward(ids, images, **kw), .language_model.lm_head).
     chat_batch(examples, pad_id, length=None) -> (ids_BL, mask_BL)
-    encode_conversations(conversations, tok, max_tokens, truncate=False) -> (examples, stats)
+    encode_conversations(conversations, tok, max_tokens, truncate=False, vision_args=None) -> (examples, stats)
+        examples are (ids, mask), or (ids, mask, images) with vision_args (vision.encode_chat's preprocessing)
     SFTConfig (dataclass), ChatLoader(examples, batch_size, seq_len, pad_id, seed, rank, world_size)
     run_sft(student, conversations, tok, train_cfg, sft_cfg, teacher=None, *, device, eval_fn=None,
             name="sft") -> dict   (train.train's result dict, plus "data": the encoding stats)
     read_conversations(path, on_bad_line="stop", tok=None) -> (conversations, [(line number, reason)])
+        image parts {"type": "image", "path": P} or {"type": "image", "image": P}: P relative to the file
     answer_eval(model, tok, items, check=exact_match, max_new_tokens=64, batch_size=32, loop_min_tokens=64)
         -> {accuracy, endless_rate, loop_rate, mean_new_tokens, samples}   (model.generate, greedy)
     eval_loss(model, examples, pad_id, teacher=None) -> float;  loop_period(tokens, min_tokens=64) -> P or None
@@ -44,7 +48,14 @@ Deviations from the paper / choices where it is silent:
     not stated; e5m2 gradients are left for later). Master weights stay fp32 parameters; the lm_head is
     not converted because the fused loss reads its weight directly. Where _scaled_mm with e4m3 is not
     available (the CPU, GPUs before compute capability 8.9) it prints one line and trains in bf16.
- 5. Vision (ViT frozen, projector trained) is not done here: vision.py is another issue.
+ 5. Vision (PAPER.md section 6): when the student is a vision.VisionLanguageModel, its ViT is frozen
+    (requires_grad False, run without grad, checked before training), the projector trains, and the text
+    model trains too unless `--no-train-text` (projector only). A teacher VLM sees the same images.
+    train.py's loop moves token tensors only, so ChatLoader keeps each batch's images in a FIFO that the
+    loss reads, checked to belong to exactly those ids (as cascade.py's --vision demo does). Image paths
+    in jsonl are opened once while reading (a bad one stops at its line) and again when encoding. A
+    conversation cut by --truncate must keep all its image tokens. `--vision` loads multimodal
+    checkpoints (vision.load_vlm) and exports with vision.save_vlm.
  6. Loop / endless-generation detection (PAPER.md section 8, ours): a response that hits the token
     cap without `</s>` is "endless"; one whose tail repeats a period of P <= 32 tokens at least 4 times
     over at least `loop_min_tokens` tokens is "looping" (64 in PAPER.md; the demo caps answers at 64
@@ -54,11 +65,14 @@ Run: `python sft.py --data chats.jsonl --student CKPT [--teacher CKPT] --out DIR
 teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first; with
 `--parent X.gguf` the real SmolLM2 parent, plain SFT only); `python sft.py --chat CKPT` (talk to a
 checkpoint). `python -m pytest tests/test_sft.py -q`; `python benchmarks/sft_bench.py` (bf16 vs FP8 step).
-Depends on: model.py, data.py, distill.py, train.py.
+Depends on: model.py, data.py, distill.py, train.py, vision.py (multimodal SFT only: image preprocessing
+for jsonl image paths, load_vlm/save_vlm for --vision; the loss and loader take any model whose forward
+takes images, so the training code itself needs nothing from it).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -76,6 +90,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
+import vision as V
 from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
 from model import Transformer, flops_per_token, generate, load_model, read_checkpoint_args
 from train import (TrainConfig, build_model, configs_from_args, setup_distributed, teardown_distributed, train,
@@ -93,6 +108,7 @@ class SFTConfig:
     on_bad_line: str = "stop"  # malformed jsonl line: "stop" (error naming the line) or "skip" (report, go on)
     fp8: bool = False  # float8 e4m3 forward for the block linears (section 8); bf16 where unsupported
     loop_min_tokens: int = 64  # loop detection: the repeated tail must span at least this many tokens
+    train_text: bool = True  # multimodal student: train the text model beside the projector (no: projector only)
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +148,9 @@ def read_conversations(path: str, on_bad_line: str = "stop", tok: Optional[D.Tok
                 except json.JSONDecodeError as e:
                     raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
                 msgs = as_messages(obj, "line")
+                n_images = resolve_image_paths(msgs, os.path.dirname(os.path.abspath(path)))
                 if tok is not None:
-                    tok.encode_chat(msgs)
+                    tok.encode_chat(msgs, image_encoder=(lambda x: []) if n_images else None)
                 if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
                     raise ValueError("no assistant message: nothing to train on")
                 convs.append(obj)
@@ -148,38 +165,79 @@ def read_conversations(path: str, on_bad_line: str = "stop", tok: Optional[D.Tok
     return convs, bad
 
 
-def encode_conversations(conversations: list, tok, max_tokens: int, truncate: bool = False) -> tuple[list, dict]:
+def resolve_image_paths(messages: list, base_dir: str) -> int:
+    """In place: every user image part given by path ({"type": "image", "path": P} or "image": P) becomes
+    {"type": "image", "image": absolute path}, P taken relative to base_dir; each file is opened once
+    (vision.load_image), so a missing or corrupt one raises ValueError naming it. Returns the image count."""
+    n = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "image"):
+                continue
+            n += 1
+            p = part.pop("path", None) if "path" in part else part.get("image")
+            if isinstance(p, (str, os.PathLike)):
+                full = os.path.join(base_dir, os.fspath(p))
+                if not os.path.isfile(full):
+                    raise ValueError(f"image {os.fspath(p)!r} not found (looked for {full}): image paths are "
+                                     f"relative to the jsonl file's folder")
+                V.load_image(full)
+                part["image"] = full
+    return n
+
+
+def encode_conversations(conversations: list, tok, max_tokens: int, truncate: bool = False,
+                         vision_args=None) -> tuple[list, dict]:
     """[(ids, mask)] lists from tok.encode_chat, each at most max_tokens long (= seq_len + 1: a row of
     seq_len inputs and their seq_len targets). Longer ones raise, or with truncate are cut to their
-    first max_tokens tokens; conversations left without an assistant target are dropped."""
+    first max_tokens tokens; conversations left without an assistant target are dropped. With
+    vision_args (a multimodal student's) the chats may hold images: [(ids, mask, [CHW image tensors])]
+    through vision.encode_chat's preprocessing."""
     examples, truncated, dropped = [], 0, 0
     for k, conv in enumerate(conversations):
-        ids, mask = tok.encode_chat(as_messages(conv, f"conversation {k}"))
+        msgs = as_messages(conv, f"conversation {k}")
+        if vision_args is None:
+            try:
+                ids, mask = tok.encode_chat(msgs)
+            except ValueError as e:
+                if "image_encoder" not in str(e):
+                    raise
+                raise ValueError(f"conversation {k} holds an image but the student is a text model: SFT a "
+                                 f"multimodal checkpoint (--vision) or drop the image") from None
+            images = None
+        else:
+            ids, mask, images = V.encode_chat(tok, msgs, vision_args)
         if len(ids) > max_tokens:
             if not truncate:
                 raise ValueError(f"conversation {k} has {len(ids)} tokens, longer than the context of {max_tokens} "
                                  f"(seq_len + 1): raise --seq-len (up to the model's max_seq_len) or pass --truncate")
+            if images and vision_args.image_token_id in ids[max_tokens:]:
+                raise ValueError(f"conversation {k} has {len(ids)} tokens and truncation to {max_tokens} would cut "
+                                 f"an image: raise --seq-len or use a smaller image")
             ids, mask = ids[:max_tokens], mask[:max_tokens]
             truncated += 1
         if not any(mask[1:]):
             dropped += 1
             continue
-        examples.append((ids, mask))
+        examples.append((ids, mask) if images is None else (ids, mask, images))
     if not examples:
         raise ValueError(f"no conversation left with an assistant token to train on ({dropped} dropped after "
                          f"truncation to {max_tokens} tokens): raise --seq-len")
-    n_tokens = sum(len(i) for i, _ in examples)
+    n_tokens = sum(len(ex[0]) for ex in examples)
     return examples, {"conversations": len(conversations), "examples": len(examples), "truncated": truncated,
                       "dropped": dropped, "tokens": n_tokens,
-                      "assistant_targets": sum(sum(m[1:]) for _, m in examples)}
+                      "assistant_targets": sum(sum(ex[1][1:]) for ex in examples)}
 
 
 def chat_batch(examples: list, pad_id: int, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ids, mask [B, L] int64: each (ids, mask) pair right-padded with pad_id / 0 to L (default: the longest)."""
-    L = max(len(i) for i, _ in examples) if length is None else length
+    L = max(len(ex[0]) for ex in examples) if length is None else length
     ids_BL = torch.full((len(examples), L), pad_id, dtype=torch.long)
     mask_BL = torch.zeros(len(examples), L, dtype=torch.long)
-    for b, (ids, mask) in enumerate(examples):
+    for b, (ids, mask, *_) in enumerate(examples):
         if len(ids) > L:
             raise ValueError(f"example {b} has {len(ids)} tokens, more than the batch length {L}")
         ids_BL[b, :len(ids)] = torch.tensor(ids)
@@ -195,15 +253,19 @@ def shift(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, to
 class ChatLoader:
     """train.py's loader contract for chats: batch(i) -> (inputs, targets) [B, seq_len], stateless in
     (seed, i, rank, world_size). Global row k = (i * world + rank) * B + j reads example perm_e[k % n] of
-    epoch e = k // n (a fresh permutation per epoch)."""
+    epoch e = k // n (a fresh permutation per epoch). Examples with images (ids, mask, images): train.py's
+    loop moves token tensors only, so each batch's images wait in a FIFO that the loss reads with
+    images_for(inputs), checked to be the images of exactly those inputs."""
 
     def __init__(self, examples: list, batch_size: int, seq_len: int, pad_id: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True):
-        if any(len(i) > seq_len + 1 for i, _ in examples):
+        if any(len(ex[0]) > seq_len + 1 for ex in examples):
             raise ValueError(f"an example is longer than seq_len + 1 = {seq_len + 1}: encode with that max_tokens")
         self.examples, self.B, self.T, self.pad_id = examples, batch_size, seq_len, pad_id
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world_size, shuffle
         self._perms: dict = {}
+        self.multimodal = bool(examples) and len(examples[0]) == 3
+        self.pending = collections.deque()
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -218,7 +280,16 @@ class ChatLoader:
         for j in range(self.B):
             k = (i * self.world + self.rank) * self.B + j
             rows.append(self.examples[int(self._perm(k // n)[k % n])])
-        return shift(*chat_batch(rows, self.pad_id, self.T + 1))
+        inputs_BT, targets_BT = shift(*chat_batch(rows, self.pad_id, self.T + 1))
+        if self.multimodal:
+            self.pending.append((inputs_BT, [x for r in rows for x in r[2]]))
+        return inputs_BT, targets_BT
+
+    def images_for(self, inputs_BT: torch.Tensor) -> list:
+        ids0, images = self.pending.popleft()
+        if not torch.equal(ids0, inputs_BT.cpu()):
+            raise RuntimeError("ChatLoader: the loss got a batch other than the next one the loader gave")
+        return [x.to(inputs_BT.device) for x in images]
 
 
 # -----------------------------------------------------------------------------
@@ -226,9 +297,11 @@ class ChatLoader:
 
 
 def sft_loss(student: Transformer, ids: torch.Tensor, mask: torch.Tensor, teacher: Optional[Transformer] = None,
-             temperature: float = 1.0, *, chunk_size: Optional[int] = None) -> torch.Tensor:
+             temperature: float = 1.0, *, chunk_size: Optional[int] = None, images: Optional[list] = None
+             ) -> torch.Tensor:
     """Mean over the positions whose target is an assistant token of next-token CE (no teacher) or of
-    KL(p_T || p_S) at temperature T (teacher). ids, mask: [B, L]. Never builds [B, L, V] logits."""
+    KL(p_T || p_S) at temperature T (teacher). ids, mask: [B, L]. Never builds [B, L, V] logits. With
+    images, student and teacher are multimodal and both see them."""
     if ids.shape != mask.shape or ids.dim() != 2:
         raise ValueError(f"ids and mask must both be [B, T]; got {tuple(ids.shape)} and {tuple(mask.shape)}")
     if teacher is not None:
@@ -236,13 +309,51 @@ def sft_loss(student: Transformer, ids: torch.Tensor, mask: torch.Tensor, teache
     inputs_BT, targets_BT = shift(ids, mask)
     n = max(int((targets_BT != -100).sum()), 1)
     cfg = DistillConfig(temperature=temperature, chunk_size=chunk_size)
+    if images is not None:
+        student = WithImages(student, images)
+        teacher = None if teacher is None else WithImages(teacher, images)
     return loss_fn_for(teacher, cfg)(student, inputs_BT, targets_BT, n)
 
 
-def loss_fn_for(teacher: Optional[Transformer], cfg: DistillConfig) -> Callable:
+class WithImages:
+    """A multimodal model bound to one batch's images, callable as model(ids, **kw) like model.Transformer,
+    so distill.py's fused losses run on it unchanged (the VLM's forward puts the projected features in
+    place of the [IMG] embeddings and returns the text model's hidden states / head_fn result)."""
+
+    def __init__(self, vlm, images: list):
+        self.vlm, self.images, self.args = vlm, images, vlm.args
+        self.lm_head = vlm.language_model.lm_head
+
+    def __call__(self, ids_BT, **kw):
+        return self.vlm(ids_BT, self.images, **kw)
+
+
+def loss_fn_for(teacher: Optional[Transformer], cfg: DistillConfig, loader: Optional["ChatLoader"] = None
+                ) -> Callable:
     """train.py's loss_fn(model, inputs, targets, n_total): distill.py's fused KL to the teacher over the
-    targets that are not -100 (the assistant's), or its fused CE without a teacher."""
-    return ce_loss_fn(cfg) if teacher is None else kl_loss_fn(teacher, cfg)
+    targets that are not -100 (the assistant's), or its fused CE without a teacher. With a multimodal
+    loader both models see the batch's images (loader.images_for)."""
+    fn = ce_loss_fn(cfg) if teacher is None else kl_loss_fn(teacher, cfg)
+    if loader is None or not loader.multimodal:
+        return fn
+
+    def loss_fn(model, inputs_BT, targets_BT, n_total):
+        images = loader.images_for(inputs_BT)
+        if teacher is None:
+            return fn(WithImages(model, images), inputs_BT, targets_BT, n_total)
+        return kl_loss_fn(WithImages(teacher, images), cfg)(WithImages(model, images), inputs_BT, targets_BT, n_total)
+    return loss_fn
+
+
+def freeze_vision(student, train_text: bool = True) -> None:
+    """Section 6: the ViT stays frozen (requires_grad False, so VisionLanguageModel runs it without grad
+    and the optimizer never holds it); the projector trains; the text model trains unless train_text
+    is False. Raises if anything of the ViT is still trainable afterwards."""
+    student.vision_tower.requires_grad_(False)
+    student.multi_modal_projector.requires_grad_(True)
+    student.language_model.requires_grad_(train_text)
+    if any(p.requires_grad for p in student.vision_tower.parameters()):
+        raise RuntimeError("the ViT must stay frozen during SFT")
 
 
 # -----------------------------------------------------------------------------
@@ -255,7 +366,9 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
     """SFT `student` on `conversations` through train.train (the model must already be built/parallelized,
     e.g. with train.build_model). KL to `teacher` when given, else CE. Rows are train_cfg.seq_len tokens;
     train_cfg.steps x batch_size conversations are read (epochs wrap). Returns train()'s dict plus
-    "data" (encoding stats) and "fp8" (whether FP8 linears were used)."""
+    "data" (encoding stats) and "fp8" (whether FP8 linears were used). A vision.VisionLanguageModel student
+    trains on chats with images: ViT frozen, projector (and text model unless sft_cfg.train_text is False)
+    trained; its export is vision.save_vlm's."""
     if train_cfg.seq_len > student.args.max_seq_len:
         raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the student's context max_seq_len "
                          f"{student.args.max_seq_len}: lower --seq-len")
@@ -269,19 +382,31 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
     if tok.vocab_size > student.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {student.args.vocab_size}: "
                          f"load the tokenizer with vocab_size={student.args.vocab_size}")
-    examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate)
+    multimodal = hasattr(student, "vision_tower")
+    if multimodal:
+        freeze_vision(student, sft_cfg.train_text)
+        if teacher is not None and not hasattr(teacher, "vision_tower"):
+            raise ValueError("the student is multimodal but the teacher is a text model: distillation SFT on "
+                             "chats with images needs a multimodal teacher that sees the same images")
+    examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate,
+                                           student.vision_args if multimodal else None)
     rank, world = _rank_world()
     loader = ChatLoader(examples, train_cfg.micro_batch_size, train_cfg.seq_len, tok.pad_id, seed=train_cfg.seed,
                         rank=rank, world_size=world)
     fp8 = False
     if sft_cfg.fp8:
-        fp8 = convert_to_fp8(student, device) > 0
+        fp8 = convert_to_fp8(student.language_model if multimodal else student, device) > 0
     dcfg = DistillConfig(temperature=sft_cfg.temperature, chunk_size=sft_cfg.chunk_size)
     tflops = flops_per_token(teacher.args, train_cfg.seq_len, training=False) if teacher is not None else 0.0
-    out = train(student, loader, loss_fn_for(teacher, dcfg), train_cfg, device=device, eval_fn=eval_fn, name=name,
-                teacher_flops_per_token=tflops,
+    tcfg = dataclasses.replace(train_cfg, export=False) if multimodal else train_cfg  # train.export is text-only
+    out = train(student, loader, loss_fn_for(teacher, dcfg, loader), tcfg, device=device, eval_fn=eval_fn,
+                name=name, teacher_flops_per_token=tflops,
                 run_info={"sft": dataclasses.asdict(sft_cfg), "data": stats, "fp8_active": fp8,
                           "teacher_args": dataclasses.asdict(teacher.args) if teacher is not None else None})
+    if multimodal and train_cfg.export:
+        out["export"] = os.path.join(train_cfg.out_dir, "model")
+        if rank == 0:
+            V.save_vlm(student, out["export"])
     return {**out, "data": stats, "fp8": fp8}
 
 
@@ -456,10 +581,12 @@ def eval_loss(model: Transformer, examples: list, pad_id: int, teacher: Optional
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        ids, mask = chat_batch(examples[i:i + batch_size], pad_id)
-        dev = model.embed_tokens.weight.device
+        rows = examples[i:i + batch_size]
+        ids, mask = chat_batch(rows, pad_id)
+        dev = next(model.parameters()).device
         n = int(mask[:, 1:].sum())
-        total += float(sft_loss(model, ids.to(dev), mask.to(dev), teacher)) * n
+        images = [x.to(dev) for r in rows for x in r[2]] if len(rows[0]) == 3 else None
+        total += float(sft_loss(model, ids.to(dev), mask.to(dev), teacher, images=images)) * n
         count += n
     model.train(was)
     return total / max(count, 1)
@@ -476,6 +603,7 @@ class SFTRun:
     data: str = ""  # jsonl, one {"messages": [...]} per line
     tokenizer: Optional[str] = None  # tekken.json or a folder holding one; None = the student's, else shipped
     chat: Optional[str] = None  # checkpoint folder: talk to it in the terminal instead of training
+    vision: bool = False  # --student/--teacher are multimodal checkpoints (vision.load_vlm); chats may hold images
     demo: bool = False  # the embedded demo (needs `python cascade.py` first)
     cascade: str = "runs/cascade"  # demo: where cascade.py wrote its stages
     parent: Optional[str] = None  # demo: the parent checkpoint (default CASCADE/parent/model); a .gguf = the real model
@@ -563,9 +691,15 @@ def main(argv=None) -> int:
         for flag, path in (("--student", run.student), ("--teacher", run.teacher)):
             if path is not None and not os.path.isdir(path):
                 raise FileNotFoundError(f"{flag} {path!r} is not a checkpoint folder (HF or Mistral-native)")
-        rank, _, _, device = setup_distributed()
-        student = build_model(run.student, tcfg, device, train=True)
-        teacher = build_model(run.teacher, tcfg, device, train=False) if run.teacher else None
+        rank, world, _, device = setup_distributed()
+        if run.vision and world > 1:
+            raise ValueError("--vision SFT runs in one process (the VLM is not sharded yet): drop torchrun")
+        if run.vision:  # fp32 master weights; train.py's dtype sets the compute dtype
+            student = V.load_vlm(run.student, dtype=torch.float32, device=device)
+            teacher = V.load_vlm(run.teacher, dtype=torch.float32, device=device) if run.teacher else None
+        else:
+            student = build_model(run.student, tcfg, device, train=True)
+            teacher = build_model(run.teacher, tcfg, device, train=False) if run.teacher else None
         if teacher is not None:
             check_vocab(student, teacher)
         tok = load_tokenizer(run.tokenizer, run.student, student.args.vocab_size)
