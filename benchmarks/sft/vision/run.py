@@ -125,7 +125,8 @@ def main():
         kl, tr = r.get("kl_to_teacher"), r.get("train")
         lines.append(f"| {name} | {r['caption']:.0%} | {r['colour']:.0%} | {r['shape']:.0%} | {r['place']:.0%} | "
                      f"{r['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | "
-                     f"{'' if tr is None else f'{tr['trainable']:,}'} | {'' if tr is None else f'{tr['cpu_s']:.0f}'} |")
+                     f"{'' if tr is None else format(tr['trainable'], ',')} | "
+                     f"{'' if tr is None else format(tr['cpu_s'], '.0f')} |")
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
