@@ -28,7 +28,7 @@ import sft as S  # noqa: E402
 import train as T  # noqa: E402
 import vision as V  # noqa: E402
 
-STEPS, BATCH, LR, N_TRAIN, N_HELD, SEQ = 150, 16, 3e-3, 1024, 100, 48
+STEPS, BATCH, LR, N_TRAIN, N_HELD, SEQ = 150, 16, 3e-3, 1024, 100, 72
 VOCAB = 1280
 VARGS = V.VisionArgs.preset("demo")
 STUDENT = M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
