@@ -11,6 +11,7 @@ Run: `OMP_NUM_THREADS=1 python benchmarks/sft/vision/run.py` (a few CPU minutes)
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ def main():
     rows = {}
 
     def sft(name, model, teacher=None, train_text=True, steps=STEPS):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)  # a fresh run every time
         cfg = T.TrainConfig(out_dir=os.path.join(out, name), steps=steps, batch_size=BATCH, micro_batch_size=BATCH,
                             seq_len=SEQ, lr=LR, warmup_steps=steps // 10, dtype="fp32", log_every=0, export=False,
                             resume=False, seed=0)
