@@ -56,6 +56,7 @@ Depends on: model.py, data.py, prune.py, distill.py, train.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -131,7 +132,7 @@ DEMO_PARENT = {
     "cpu": M.ModelArgs(dim=160, n_layers=6, head_dim=32, hidden_dim=960, n_heads=6, n_kv_heads=2,
                        vocab_size=4096, rope_theta=1e4, max_seq_len=4096),
     # A deeper parent for the layer-selection ablation: the gpu preset's depth, scaled to a CPU budget.
-    "cpu_deep": M.ModelArgs(dim=128, n_layers=12, head_dim=32, hidden_dim=768, n_heads=4, n_kv_heads=2,
+    "cpu_deep": M.ModelArgs(dim=96, n_layers=12, head_dim=32, hidden_dim=576, n_heads=4, n_kv_heads=2,
                             vocab_size=4096, rope_theta=1e4, max_seq_len=4096),
     "gpu": M.ModelArgs(dim=768, n_layers=16, head_dim=64, hidden_dim=4608, n_heads=12, n_kv_heads=4,
                        vocab_size=16384, rope_theta=1e6, max_seq_len=8192),
@@ -343,7 +344,7 @@ def first_changed_stage(diff: list, ours: dict, theirs: dict, order: list) -> st
     return order[first]
 
 
-def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int):
+def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True):
     """Refuse an --out that holds stages run with other settings, unless --restart-from names the first
     stage they change (or an earlier one); then that stage and every later one are deleted and redone.
     Record our settings otherwise."""
@@ -366,7 +367,7 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int):
                                  f"settings ({shown}) alter: restart from {first} or earlier")
     elif os.path.isdir(cfg.out) and os.listdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is not empty and holds no run.json: choose a new --out")
-    if rank == 0:
+    if rank == 0 and write:
         if cfg.restart_from is not None and os.path.isdir(cfg.out):
             redo = order[order.index(cfg.restart_from):]
             # ablations hang off the parent and the run's settings: they are redone with any restart
@@ -521,12 +522,49 @@ class Stages:
 
     def done(self, name) -> Optional[dict]:
         path = os.path.join(self.dir(name), "done.json")
+        while self.ctx.world == 1 and self.claim(name) == "busy":
+            log(self.ctx, f"== stage {name}: being made by another process, waiting")
+            time.sleep(5)
         if os.path.exists(path):
             log(self.ctx, f"== stage {name}: finished earlier, skipped")
             with open(path) as f:
                 return json.load(f)
         self.started[name] = (time.time(), cpu_seconds())
         return None
+
+    def claim(self, name) -> str:
+        """Single-process runs on one --out (the ablations side by side, or one ablation in several
+        processes) share stages: the first to reach a stage claims it with a lock file holding its pid.
+        Returns "done", "mine" (claimed, or ours already) or "busy" (another live process holds it). A
+        lock whose process has died is taken over (that stage then resumes from its checkpoint)."""
+        if os.path.exists(os.path.join(self.dir(name), "done.json")):
+            return "done"
+        lock = os.path.join(self.dir(name), "running.pid")
+        os.makedirs(self.dir(name), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(lock) as f:
+                        pid = int(f.read().strip())
+                    if pid == os.getpid():
+                        return "mine"
+                    os.kill(pid, 0)  # raises ProcessLookupError if that process is gone
+                except FileNotFoundError:
+                    continue  # just released
+                except ValueError:
+                    return "busy"  # created, pid not yet written
+                except ProcessLookupError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(lock)  # stale: its process died
+                    continue
+                except PermissionError:
+                    pass  # alive, another user's
+                return "done" if os.path.exists(os.path.join(self.dir(name), "done.json")) else "busy"
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return "mine"
 
     def finish(self, name, info: dict) -> dict:
         """train() has exported <stage>/model; done.json marks the stage finished. The export is what later
@@ -536,6 +574,8 @@ class Stages:
         if self.ctx.rank == 0:
             TR.write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
             shutil.rmtree(os.path.join(self.dir(name), "ckpt"), ignore_errors=True)
+            if os.path.exists(os.path.join(self.dir(name), "running.pid")):
+                os.remove(os.path.join(self.dir(name), "running.pid"))
         TR.barrier()
         return info
 
@@ -700,6 +740,7 @@ def prepare(cfg: CascadeConfig, rank: int, world: int, device) -> tuple[Context,
     plan = make_plan(cfg)
     if cfg.teacher is not None:
         M.read_checkpoint_args(cfg.teacher)
+    claim_out_dir(cfg, plan, rank, write=False)  # refuse changed settings before reading any data
     tok, train_tokens, val_tokens, test_tokens, heldout = load_data(cfg, plan)
     check_data(cfg, len(train_tokens), len(val_tokens), len(test_tokens), world)
     claim_out_dir(cfg, plan, rank)
@@ -730,27 +771,33 @@ def run_cascade(cfg: CascadeConfig) -> dict:
         upstream = stages.info("parent").get("tokens", 0)
         rows = [row(cfg, ctx, stages, "parent", "parent", parent_path, teacher, upstream)]
 
-        current = parent_path  # Algorithm 1: `parent` in the loop
+        current, made = parent_path, {}  # Algorithm 1: `parent` in the loop
         for name, target in plan.sizes:
             init = stage_prune(cfg, ctx, stages, f"{name}/init", current, target)
             short = stage_distill(cfg, ctx, stages, f"{name}/short", init, teacher, False, cfg.short_steps, cfg.seed + 1)
+            made[name] = (init, short)
+            current = short  # the SHORT-context child seeds the next size
+        # The long stages feed no later size, so they run after the chain of short ones (another process on
+        # the same --out can take them meanwhile).
+        for name, _ in plan.sizes:
+            init, short = made[name]
             base = stage_distill(cfg, ctx, stages, f"{name}/long", short, teacher, True, cfg.long_steps, cfg.seed + 2)
             short_tokens = stages.info(f"{name}/short")["tokens"]
             rows.append(row(cfg, ctx, stages, f"{name} pruned", f"{name}/init", init, teacher, upstream))
             rows.append(row(cfg, ctx, stages, f"{name} short", f"{name}/short", short, teacher, upstream + short_tokens))
             rows.append(row(cfg, ctx, stages, f"{name} base", f"{name}/long", base, teacher,
                             upstream + short_tokens + stages.info(f"{name}/long")["tokens"]))
-            current = short  # the SHORT-context child seeds the next size
-            upstream += short_tokens  # ... so its short stage is upstream of every later size, its long stage is not
+            upstream += short_tokens  # the short child seeds the next size; the long stage is upstream of nothing
         baseline = None
         if cfg.baseline:
             last_name, last_args = plan.sizes[-1]
-            child_tokens = sum(stages.info(f"{last_name}/{s}")["tokens"] for s in ("short", "long"))
+            child_tokens = cfg.batch_size * (cfg.short_steps * cfg.seq_len + cfg.long_steps * cfg.long_seq_len)
             baseline = stage_baseline(cfg, ctx, stages, "baseline", last_args, child_tokens, cfg.seq_len)
             rows.append(row(cfg, ctx, stages, f"{last_name} from scratch (lr {baseline['lr']:g})", baseline["stage"],
                             baseline["path"], teacher, baseline["tokens"], seconds=baseline))
         run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
-               "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+               "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
+               "stages_cpu_seconds": round(sum(r["cpu_seconds"] or 0 for r in rows), 1)}
         if rank == 0:
             write_results(cfg, rows, plan, ctx, baseline, run)
         log(ctx, f"cascade finished in {run['seconds']:.0f}s ({run['cpu_seconds']:.0f} CPU-s); results in "
@@ -804,30 +851,44 @@ def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -
     parent_path = stage_parent(cfg, ctx, stages, plan)
     parent = build(parent_path, ctx, cfg, train=False)
     name, target = plan.sizes[-1]
-    results, teachers = {}, {}
-    for variant, overrides in ABLATIONS[cfg.ablation].items():
-        runs = []
-        for s in range(cfg.ablation_seeds):
-            vcfg = dataclasses.replace(cfg, seed=cfg.seed + s, **{k: v for k, v in overrides.items() if k != "teacher"})
-            teacher, tag = parent, f"{cfg.ablation}/{slug(variant)}/seed{s}"
-            if overrides.get("teacher") == "larger":
-                big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
-                big_stages = Stages(dataclasses.replace(cfg, out=os.path.join(cfg.out, "larger_teacher")), ctx)
-                big_path = stage_parent(cfg, ctx, big_stages, big)
-                teacher = build(big_path, ctx, cfg, train=False)
-                teachers[variant] = stage_eval(cfg, ctx, big_stages, "parent", big_path, None, cfg.seq_len) | {
-                    "tokens_trained": big_stages.info("parent").get("tokens"),
-                    "args": dataclasses.asdict(big.parent_args)}
-            init = stage_prune(vcfg, ctx, stages, f"{tag}/init", parent_path, target)
-            short = stage_distill(vcfg, ctx, stages, f"{tag}/short", init, teacher, False, cfg.short_steps, vcfg.seed + 1)
-            with open(os.path.join(stages.dir(f"{tag}/init"), "report.json")) as f:
-                layers = json.load(f)["layers"]
-            # KL is always measured against the parent, so the two teachers are compared on one scale
-            runs.append({"seed": vcfg.seed, "dropped_layers": layers["dropped"],
-                         "layer_scores": {k: layers[k] for k in ("norm_ratio", "block_influence")},
-                         "pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
-                         "distilled": stage_eval(vcfg, ctx, stages, f"{tag}/short", short, parent, cfg.seq_len)})
-        results[variant] = runs
+    results, teachers = {v: [None] * cfg.ablation_seeds for v in ABLATIONS[cfg.ablation]}, {}
+    # A run another process is making (the same command in several processes, or the ablations side by side)
+    # is put back at the end of the queue; the paper's variant goes last, since all three ablations share it.
+    queue = [(v, o, s) for v, o in sorted(ABLATIONS[cfg.ablation].items(), key=lambda kv: not kv[1])
+             for s in range(cfg.ablation_seeds)]
+    while queue:
+        variant, overrides, s = queue.pop(0)
+        vcfg = dataclasses.replace(cfg, seed=cfg.seed + s, **{k: v for k, v in overrides.items() if k != "teacher"})
+        # Stages are named by their settings, not by the ablation: the paper's setting (norm ratio, KL
+        # alone, the parent as teacher) is one run per seed that all three ablations share.
+        tag = "ablations/" + ("_".join(f"{k}_{slug(str(v))}" for k, v in sorted(overrides.items())) or "paper") + f"/seed{s}"
+        teacher = parent
+        if overrides.get("teacher") == "larger":
+            big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
+            big_stages = Stages(dataclasses.replace(cfg, out=os.path.join(cfg.out, "larger_teacher")), ctx)
+            big_path = stage_parent(cfg, ctx, big_stages, big)
+            teacher = build(big_path, ctx, cfg, train=False)
+            teachers[variant] = stage_eval(cfg, ctx, big_stages, "parent", big_path, None, cfg.seq_len) | {
+                "tokens_trained": big_stages.info("parent").get("tokens"),
+                "args": dataclasses.asdict(big.parent_args)}
+        init = stage_prune(vcfg, ctx, stages, f"{tag}/init", parent_path, target)
+        with open(os.path.join(stages.dir(f"{tag}/init"), "report.json")) as f:
+            layers = json.load(f)["layers"]
+        # Two layer rules that drop the same layers (same seed, same data) make the same child, bit for
+        # bit: the distilled stage is named by what determines it, so it is run once and shared.
+        short_tag = (f"ablations/distilled/seed{vcfg.seed}_drop{'-'.join(map(str, layers['dropped']))}"
+                     f"_ce{vcfg.ce_weight:g}_{'larger_teacher' if overrides.get('teacher') else 'parent'}")
+        if ctx.world == 1 and stages.claim(short_tag) == "busy":
+            queue.append((variant, overrides, s))
+            time.sleep(2)
+            continue
+        short = stage_distill(vcfg, ctx, stages, short_tag, init, teacher, False, cfg.short_steps, vcfg.seed + 1)
+        # KL is always measured against the parent, so the two teachers are compared on one scale
+        results[variant][s] = {"seed": vcfg.seed, "dropped_layers": layers["dropped"], "stage": tag,
+                               "distilled_stage": short_tag,
+                               "layer_scores": {k: layers[k] for k in ("norm_ratio", "block_influence")},
+                               "pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
+                               "distilled": stage_eval(vcfg, ctx, stages, short_tag, short, parent, cfg.seq_len)}
     parent_eval = stage_eval(cfg, ctx, stages, "parent", parent_path, parent, cfg.seq_len)
     run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1)}
     if ctx.rank == 0:
@@ -868,7 +929,9 @@ def write_ablation(cfg: CascadeConfig, results: dict, parent_eval: dict, size: s
         cells.append("; ".join(",".join(map(str, r["dropped_layers"])) for r in runs))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     record = run_record(cfg, run)
-    lines += ["", f"Per run (seed: CE after distillation): " + "; ".join(
+    lines += ["", "Runs that dropped the same layers with the same seed and loss share one distilled child "
+              "(`distilled_stage` in the json): their pruned models are the same, bit for bit.",
+              "", f"Per run (seed: CE after distillation): " + "; ".join(
         f"{v} " + ", ".join(f"{r['seed']}: {r['distilled']['ce']:.3f}" for r in runs) for v, runs in results.items()),
         "", f"Run: {record['date']}, {record['device']}, torch {record['torch']}, commit {record['commit']}, "
         f"{run['seconds']:.0f} s wall / {run['cpu_seconds']:.0f} s CPU on a shared machine. Command: "

@@ -283,7 +283,8 @@ def test_out_folder_of_another_run(tmp_path, capsys):
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"fingerprint": {"seed": 123}}))
     assert run_main(SMOKE + ["--out", str(out)]) == 2
-    assert "holds stages of another run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds stages run with other settings" in err and "seed 123 -> 0" in err
     (out / "run.json").unlink()
     (out / "somefile").write_text("x")
     assert run_main(SMOKE + ["--out", str(out)]) == 2
