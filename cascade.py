@@ -909,7 +909,7 @@ def write_ablation(cfg: CascadeConfig, results: dict, parent_eval: dict, size: s
                    run: dict):
     seeds = len(next(iter(results.values())))
     p, c = plan.parent_args, plan.sizes[-1][1]
-    lines = [f"# Ablation `{cfg.ablation}` (preset {cfg.preset}, {seeds} seeds from {cfg.seed})", "",
+    lines = [f"# Ablation `{cfg.ablation}` (preset {cfg.preset}, {seeds} seed{'s' * (seeds > 1)} from {cfg.seed})", "",
              f"Parent: {M.num_params(p):,} parameters, {p.n_layers} layers, d {p.dim}, FFN {p.hidden_dim}; held-out "
              f"(test) CE {parent_eval['ce']:.3f}. Each run prunes it straight to the {size} miniature ({c.n_layers} "
              f"layers, d {c.dim}, FFN {c.hidden_dim}{', tied' if c.tied_embeddings else ''}) and distils "
