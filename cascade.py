@@ -1186,10 +1186,10 @@ def write_results(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, base
                  f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "
                  f"{run['loadavg_end']} at the end; wall time on a shared machine is inflated). "
                  f"Command: `{record['command']}`.")
-    if "math_total" in rows[0]:
-        notes.append(f"math exact: greedy answers to {cfg.math_problems} held-out data.math_problems (level "
-                     f"{cfg.math_level!r}, seed {cfg.math_seed}) asked through the chat template, checked by "
-                     f"data.check_math_answer; the short children are not scored (CPU time).")
+    if "math_total" in rows[0]:  # before the Run line
+        notes.insert(-1, f"math exact: greedy answers to {cfg.math_problems} held-out data.math_problems (level "
+                         f"{cfg.math_level!r}, seed {cfg.math_seed}) asked through the chat template, checked by "
+                         f"data.check_math_answer; the short children are not scored (CPU time).")
     if run.get("partial_after"):
         notes.append(f"Partial table: the sizes up to {run['partial_after']} are done; the run goes on.")
     text = f"# Cascade retention\n\n{table}\n\n" + "\n\n".join(notes) + "\n"

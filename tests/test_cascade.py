@@ -1,5 +1,6 @@
 """cascade.py: the demo's code path at a small size, the real-format path under torchrun, rerun and
 resume, and bad input refused before any long work."""
+import dataclasses
 import json
 import os
 import shutil
@@ -283,6 +284,7 @@ def test_help_shows_the_presets_values(capsys):
     (["--ablation-seeds", "0"], "--ablation-seeds 0 must be at least 1"),
     (["--baseline-lrs", "1e-3,x"], "--baseline-lrs '1e-3,x' is not"),
     (["--ablation", "nope"], "--ablation 'nope' is unknown"),
+    (["--math-problems", "-1"], "--math-problems -1 must be at least 0"),
 ])
 def test_bad_values_fail_at_once(tmp_path, capsys, monkeypatch, flags, message):
     def no_data(*a):
@@ -328,6 +330,44 @@ def test_out_folder_of_another_run(tmp_path, capsys):
     (out / "somefile").write_text("x")
     assert run_main(SMOKE + ["--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_shard_folder_stays_lazy_and_its_heldout_tail_is_deduplicated(tmp_path):
+    """--data FOLDER of several shards is a data.ShardedTokens (memmaps): the training part stays one, the
+    held-out tail is read into memory (de-duplication, the eval cache's key hashes its bytes), and a real
+    parent's Python corpus plus --data concatenates both."""
+    tok = D.Tokenizer.from_file(vocab_size=2048)
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[tok.bos_id], rng.integers(300, 2000, 998), [tok.eos_id]]) for _ in range(60)]
+    toks = np.concatenate(docs).astype(np.uint32)
+    toks[-700:-400] = toks[1000:1300]  # the held-out tail repeats 300 training tokens
+    D.write_shards(toks, tmp_path / "shards", tok, shard_tokens=10000)
+    cfg = C.resolved(C.config_from_argv(SMOKE + ["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "o")]))
+    train, val, test, info = C.load_data(cfg, C.make_plan(cfg))[1:5]
+    assert isinstance(train, D.ShardedTokens) and np.array_equal(np.asarray(train), toks[:len(train)])
+    for half in (val, test):
+        assert isinstance(half, np.ndarray) and len(half) > 0 and len(C.hashlib.sha1(half.tobytes()).hexdigest()) == 40
+    assert info["overlap_before"] == 300 - C.DEDUP_NGRAM + 1 and info["overlap_after"] == 0
+    assert C.heldout_overlap(np.asarray(train), np.concatenate([val, test]), C.DEDUP_NGRAM) == 0
+    # nothing to drop (no re-cut): the halves are still arrays in memory, cut at a document end
+    D.write_shards(np.concatenate(docs).astype(np.uint32), tmp_path / "clean", tok, shard_tokens=10000)
+    cfg = dataclasses.replace(cfg, data=str(tmp_path / "clean"))
+    val, test, info = C.load_data(cfg, C.make_plan(cfg))[2:5]
+    assert info["overlap_before"] == 0 and isinstance(val, np.ndarray) and isinstance(test, np.ndarray)
+    assert val[-1] == tok.eos_id and test[0] == tok.bos_id
+
+
+@pytest.mark.slow
+def test_real_parent_corpus_plus_shard_folder(tmp_path):
+    """A real parent (cpu-real) distils on the Python corpus plus --data: a shard folder's ShardedTokens
+    concatenates onto the corpus tokens."""
+    tok = D.Tokenizer.from_file(vocab_size=2048)
+    toks = D.tokenize_documents(D.python_corpus()[0][:20], tok)
+    D.write_shards(toks, tmp_path / "shards", tok, shard_tokens=5000)
+    cfg = C.resolved(C.config_from_argv(SMOKE + ["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "o")]))
+    real = dataclasses.replace(cfg, preset="cpu-real")
+    corpus = len(C.load_data(dataclasses.replace(real, data=None), C.make_plan(cfg))[1])
+    assert len(C.load_data(real, C.make_plan(cfg))[1]) == corpus + len(toks)
 
 
 def test_too_little_data(tmp_path, capsys):
