@@ -58,22 +58,39 @@ Deviations from the paper, and why:
  6. Real-run defaults (`--preset paper`): no from-scratch baseline (it would pretrain a 3B on ~1.2T
     tokens; pass --baseline), and checkpoints every 1000 steps plus every 30 minutes of wall clock
     (train.py's ckpt_minutes), not every quarter of a 500K-step stage.
+ 7. (ours) The evaluation text is held out for real: every held-out token inside a 32-token window that
+    also occurs in the training tokens is dropped (the Python corpus repeats docstrings across
+    documents), and the rest is halved into a validation half, which only chooses the from-scratch
+    baseline's learning rate (a sweep), and a test half, which every figure in the table reads.
+ 8. (ours) The from-scratch baseline trains the smallest size on as many tokens as that child's own
+    distillation stages. The cascaded child also inherits everything upstream (the parent's
+    pretraining, the larger children's short stages); the table reports tokens seen, upstream included.
 
-Run: `python cascade.py` (about 9 minutes on 2 CPU cores), `python cascade.py --parent smollm2 --preset
-cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset gpu` (the same
-experiment sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds).
+Run: `python cascade.py` (about 4 minutes on 2 idle CPU cores), `python cascade.py --parent smollm2 --preset
+cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset gpu` (the same experiment
+sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds). A rerun with changed settings
+refuses, naming them; `--restart-from STAGE` redoes that stage and every later one.
+`rm -rf runs/demo-record && python cascade.py --out runs/demo-record --results benchmarks/demo`
+regenerates the committed demo record (table, per-stage times, lr sweep, plot).
 Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import platform
 import re
+import resource
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -81,6 +98,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # the object-oriented API draws with Agg and sets no global backend
 
 import data as D
 import distill as DI
@@ -111,7 +129,7 @@ class CascadeConfig:
     short_steps: Optional[int] = None  # short-context distillation per size (section 5)
     long_steps: Optional[int] = None  # long-context distillation per size
     batch_size: Optional[int] = None  # global sequences per optimizer step
-    micro_batch_size: Optional[int] = None  # per rank
+    micro_batch_size: Optional[int] = None  # per rank; None = the batch split over the ranks (at most the preset's value)
     seq_len: Optional[int] = None  # short context (paper: 16384)
     long_seq_len: Optional[int] = None  # long context (paper: 262144)
     lr: Optional[float] = None  # peak learning rate of the parent's pretraining and the baseline
@@ -121,12 +139,15 @@ class CascadeConfig:
     compile: bool = False  # torch.compile each block
     ckpt_every: Optional[int] = None  # training checkpoint every N steps (plus every 30 min); None = preset's
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
-    eval_batches: Optional[int] = None  # held-out batches for every CE/KL figure
+    eval_batches: Optional[int] = None  # held-out batches (of micro-batch x world sequences) for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
     layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
     ce_weight: float = 0.0  # 0 = forward KL alone (paper); >0 mixes in next-token CE (ablation)
     temperature: float = 1.0  # distillation temperature T
     baseline: Optional[bool] = None  # train the smallest size from scratch on the same tokens; None = preset's
+    baseline_lrs: str = "3e-4,1e-3,3e-3"  # the baseline's lr sweep; the lowest CE on the VALIDATION split is the row
+    restart_from: Optional[str] = None  # redo this stage (e.g. parent, 8b/short, baseline) and every later one
+    results: Optional[str] = None  # where the table, plot and lr sweep go; None = <out>/results
     ablation: Optional[str] = None  # kl_vs_mix | layer_selection | teacher: 3 seeds, mean and spread
     ablation_seeds: int = 3
     vision: bool = False  # run the embedded multimodal cascade instead (vision.py, section 6; --preset cpu or smoke)
@@ -141,15 +162,20 @@ class CascadeConfig:
 # The embedded experiment. The parent's ratios follow MS3.1; each child applies the real
 # child/MS3.1 ratios of layers, hidden and FFN (40/40/34/26, 5120/5120/4096/3072, 32768/16384/14336/9216).
 DEMO_PARENT = {
-    "cpu": M.ModelArgs(dim=192, n_layers=6, head_dim=32, hidden_dim=1152, n_heads=6, n_kv_heads=2,
+    "cpu": M.ModelArgs(dim=160, n_layers=6, head_dim=32, hidden_dim=960, n_heads=6, n_kv_heads=2,
                        vocab_size=4096, rope_theta=1e4, max_seq_len=4096),
+    # A deeper parent for the layer-selection ablation: the gpu preset's depth, scaled to a CPU budget.
+    "cpu_deep": M.ModelArgs(dim=96, n_layers=12, head_dim=32, hidden_dim=576, n_heads=4, n_kv_heads=2,
+                            vocab_size=4096, rope_theta=1e4, max_seq_len=4096),
     "gpu": M.ModelArgs(dim=768, n_layers=16, head_dim=64, hidden_dim=4608, n_heads=12, n_kv_heads=4,
                        vocab_size=16384, rope_theta=1e6, max_seq_len=8192),
     "smoke": M.ModelArgs(dim=64, n_layers=4, head_dim=16, hidden_dim=384, n_heads=4, n_kv_heads=2,
                          vocab_size=2048, rope_theta=1e4, max_seq_len=1024),
 }
+# micro_batch_size is the most sequences per rank per forward: without --micro-batch-size the batch is split
+# over the ranks and each rank's share cut to at most this (derive_micro_batch).
 PRESET_STAGES = {
-    "cpu": dict(parent_steps=240, short_steps=150, long_steps=50, batch_size=16, micro_batch_size=16,
+    "cpu": dict(parent_steps=120, short_steps=80, long_steps=20, batch_size=16, micro_batch_size=16,
                 seq_len=128, long_seq_len=256, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=64, eval_batches=8),
     "gpu": dict(parent_steps=4000, short_steps=1500, long_steps=300, batch_size=64, micro_batch_size=16,
                 seq_len=1024, long_seq_len=4096, lr=1e-3, distill_lr=3e-4, dtype="bf16", calib_seqs=256, eval_batches=8),
@@ -169,6 +195,7 @@ PRESET_STAGES = {
                      seq_len=2048, long_seq_len=8192, lr=3e-4, distill_lr=3e-4, dtype="bf16", calib_seqs=256,
                      eval_batches=16, math_problems=200),
 }
+PRESET_STAGES["cpu_deep"] = PRESET_STAGES["cpu"]
 # Real-run defaults that differ from the demos' (deviation 6); every other preset trains the baseline.
 REAL_RUN_DEFAULTS = {"paper": dict(baseline=False, ckpt_every=1000)}
 REAL_SMALL = ("cpu-real", "gpu-real")  # presets whose children take the paper's ratios of a real parent
@@ -200,16 +227,86 @@ def short_stage_args(a: M.ModelArgs, short_len: int) -> M.ModelArgs:
                                qtemp_original_max_pos=short_len, max_seq_len=short_len)
 
 
-def resolved(cfg: CascadeConfig) -> CascadeConfig:
-    """Fill the None stage lengths from the preset."""
+def resolved(cfg: CascadeConfig, world: int = 1) -> CascadeConfig:
+    """Fill the None stage lengths from the preset (and the real-run defaults, deviation 6), derive the
+    micro-batch from the world size, and check every value (validate): a bad one fails here, before any
+    data is read."""
     if cfg.preset not in PRESET_STAGES:
         raise ValueError(f"--preset {cfg.preset!r} is unknown: choose one of {', '.join(PRESET_STAGES)}")
     if cfg.parent is None and cfg.preset not in DEMO_PARENT:
         raise ValueError(f"--preset {cfg.preset} sizes a run on a real parent: give --parent PATH (or smollm2)")
     preset = {**PRESET_STAGES[cfg.preset], "baseline": True, **REAL_RUN_DEFAULTS.get(cfg.preset, {})}
-    fill = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **fill)
-    return cfg if cfg.math_problems is not None else dataclasses.replace(cfg, math_problems=0)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None
+                                      and k != "micro_batch_size"})
+    if cfg.math_problems is None:
+        cfg = dataclasses.replace(cfg, math_problems=0)
+    if cfg.micro_batch_size is None:
+        cfg = dataclasses.replace(cfg, micro_batch_size=derive_micro_batch(cfg.batch_size, world,
+                                                                           preset["micro_batch_size"]))
+    validate(cfg, world)
+    return cfg
+
+
+def derive_micro_batch(batch_size: int, world: int, cap: int) -> int:
+    """Sequences per rank per forward when --micro-batch-size is not given: the largest divisor of the
+    rank's share of the batch that is at most `cap`, so any world size dividing the batch works."""
+    if batch_size <= 0:
+        return batch_size  # validate() names the problem
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} cannot be split over {world} processes: give a batch size "
+                         f"that is a multiple of {world}, or run on a number of processes that divides it")
+    share = batch_size // world
+    return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+
+
+def parse_lrs(text: str) -> list:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise ValueError(f"--baseline-lrs {text!r} is not a comma-separated list of positive learning rates, "
+                         f"e.g. 3e-4,1e-3,3e-3")
+    return lrs
+
+
+def validate(cfg: CascadeConfig, world: int):
+    """One clear error for the first bad value, before any data is read or any model is built."""
+    def bad(flag, value, fix):
+        raise ValueError(f"--{flag} {value} {fix}")
+
+    if cfg.layer_selection not in P.LAYER_METHODS:
+        bad("layer-selection", repr(cfg.layer_selection), f"is unknown: choose one of {', '.join(P.LAYER_METHODS)}")
+    if not cfg.temperature > 0:
+        bad("temperature", cfg.temperature, "must be > 0: the distillation softmax divides the logits by it")
+    if not 0 <= cfg.ce_weight <= 1:
+        bad("ce-weight", cfg.ce_weight, "must be in [0, 1]: the loss is (1 - w) KL + w CE (0 = the paper's KL alone)")
+    counts = ["short_steps", "long_steps", "batch_size", "micro_batch_size", "seq_len", "long_seq_len",
+              "calib_seqs", "eval_batches", "ablation_seeds"] + (["parent_steps"] if cfg.parent is None else [])
+    for k in counts:
+        if getattr(cfg, k) < 1:
+            bad(k.replace("_", "-"), getattr(cfg, k), "must be at least 1" + (
+                ": with no held-out batch every row would read 100% kept" if k == "eval_batches" else ""))
+    if cfg.math_problems < 0:
+        bad("math-problems", cfg.math_problems, "must be at least 0 (0 = no task evaluation)")
+    if cfg.math_new_tokens < 1:
+        bad("math-new-tokens", cfg.math_new_tokens, "must be at least 1")
+    if cfg.ckpt_every is not None and cfg.ckpt_every < 1:
+        bad("ckpt-every", cfg.ckpt_every, "must be at least 1 (or none for two per stage)")
+    for k in ("lr", "distill_lr", "max_epochs"):
+        if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0):
+            bad(k.replace("_", "-"), getattr(cfg, k), "must be a positive number")
+    if cfg.long_seq_len < cfg.seq_len:
+        bad("long-seq-len", cfg.long_seq_len, f"is below --seq-len {cfg.seq_len}: the long stage must not be shorter")
+    if cfg.dtype not in ("fp32", "bf16"):
+        bad("dtype", repr(cfg.dtype), "is unknown: choose fp32 or bf16")
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        bad("batch-size", cfg.batch_size, f"is not a multiple of --micro-batch-size {cfg.micro_batch_size} x "
+            f"{world} processes = {cfg.micro_batch_size * world}: change either, or leave --micro-batch-size out "
+            f"to derive it from the world size")
+    if cfg.ablation is not None and cfg.ablation not in ABLATIONS:
+        bad("ablation", repr(cfg.ablation), f"is unknown: choose one of {', '.join(ABLATIONS)}")
+    parse_lrs(cfg.baseline_lrs)
 
 
 # -----------------------------------------------------------------------------
@@ -264,9 +361,12 @@ def make_plan(cfg: CascadeConfig) -> Plan:
             raise ValueError(f"size {name} has heads/vocab {(a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size)} but the "
                              f"parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: heads "
                              f"and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
-    fp = {k: getattr(cfg, k) for k in ("size", "shapes", "parent", "data", "tokenizer", "teacher", "preset", "seed",
-                                       "layer_selection", "ce_weight", "temperature", "seq_len", "long_seq_len")}
+    fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
     fp["parent_args"] = dataclasses.asdict(parent)
+    fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
+    if cfg.restart_from is not None and cfg.restart_from not in stage_order(sizes):
+        raise ValueError(f"--restart-from {cfg.restart_from!r} is not a stage of this run: choose one of "
+                         f"{', '.join(stage_order(sizes))}")
     return Plan(parent, sizes, fp)
 
 
@@ -279,21 +379,75 @@ def read_parent_args(parent: str) -> M.ModelArgs:
     return M.read_checkpoint_args(path)[0]
 
 
-def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int):
-    """Refuse an --out that holds another run's stages; record ours otherwise."""
+# Every setting a finished stage depends on, mapped to the first stage (in stage_order) it changes. A rerun
+# whose settings differ refuses, naming them; --restart-from that stage (or an earlier one) redoes it and
+# everything after it. Evaluation settings (--eval-batches, the held-out data) are keyed in each eval.json
+# instead and simply recomputed. Micro-batch, world size, checkpointing and compile change no result.
+FIRST_STAGE_CHANGED = {
+    **dict.fromkeys(("parent", "parent_args", "data", "tokenizer", "preset", "seed", "parent_steps", "lr",
+                     "batch_size", "long_seq_len", "dtype"), "parent"),
+    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs"), "init"),
+    **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
+    "long_steps": "long",
+    "baseline_lrs": "baseline",
+}
+
+
+def stage_order(sizes: list) -> list:
+    return ["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short", "long")] + ["baseline"]
+
+
+def first_changed_stage(diff: list, ours: dict, theirs: dict, order: list) -> str:
+    first = len(order) - 1
+    for k in diff:
+        where = FIRST_STAGE_CHANGED.get(k, "parent")
+        if where == "parent":
+            i = 0
+        elif where == "baseline":
+            i = len(order) - 1
+        else:
+            size = 0  # the first child whose shape (or whose parent's shape) differs
+            if k == "sizes":
+                a, b = ours.get("sizes") or [], theirs.get("sizes") or []
+                size = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            i = order.index(f"{ours['sizes'][size][0]}/{where}") if size < len(ours["sizes"]) else len(order) - 1
+        first = min(first, i)
+    return order[first]
+
+
+def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True):
+    """Refuse an --out that holds stages run with other settings, unless --restart-from names the first
+    stage they change (or an earlier one); then that stage and every later one are deleted and redone.
+    Record our settings otherwise."""
     path = os.path.join(cfg.out, "run.json")
+    order = stage_order(plan.sizes)
+    ours = json.loads(json.dumps(plan.fingerprint))
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f).get("fingerprint", {})
-        ours = json.loads(json.dumps(plan.fingerprint))
         diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
         if diff:
-            raise ValueError(f"--out {cfg.out} holds stages of another run (different {', '.join(diff)}): choose a new "
-                             f"--out, or delete that folder to start over")
+            first = first_changed_stage(diff, ours, theirs, order)
+            shown = ", ".join(k if isinstance(ours.get(k), (dict, list)) else f"{k} {theirs.get(k)} -> {ours.get(k)}"
+                              for k in diff)
+            if cfg.restart_from is None:
+                raise ValueError(f"--out {cfg.out} holds stages run with other settings ({shown}): pass --restart-from "
+                                 f"{first} to redo {first} and every later stage, or choose a new --out")
+            if order.index(cfg.restart_from) > order.index(first):
+                raise ValueError(f"--restart-from {cfg.restart_from} would keep stage {first}, which the changed "
+                                 f"settings ({shown}) alter: restart from {first} or earlier")
     elif os.path.isdir(cfg.out) and os.listdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is not empty and holds no run.json: choose a new --out")
+    if not write:  # the up-front check (prepare, before the data is read): nothing is written, no barrier
+        return
     TR.barrier()  # every rank has looked before rank 0 writes (else a peer sees run.json.tmp-* and fails)
     if rank == 0:
+        if cfg.restart_from is not None and os.path.isdir(cfg.out):
+            redo = order[order.index(cfg.restart_from):]
+            # ablations hang off the parent and the run's settings: they are redone with any restart
+            for name in redo + list(ABLATIONS) + ["larger_teacher"]:
+                shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
+            print(f"--restart-from {cfg.restart_from}: removed stages {', '.join(redo)}", flush=True)
         os.makedirs(cfg.out, exist_ok=True)
         TR.write_json_atomic(path, {"fingerprint": plan.fingerprint, "config": dataclasses.asdict(cfg)})
 
@@ -315,20 +469,92 @@ def load_data(cfg: CascadeConfig, plan: Plan):
                          f"{plan.parent_args.vocab_size}: pass the parent's own tekken.json with --tokenizer")
     if cfg.data is None or cfg.preset in REAL_SMALL:
         train_docs, val_docs = D.python_corpus(val_fraction=0.15, seed=cfg.seed)  # ~9% of tokens held out
-        train, val = D.tokenize_documents(train_docs, tok), D.tokenize_documents(val_docs, tok)
+        train_tokens, held = D.tokenize_documents(train_docs, tok), D.tokenize_documents(val_docs, tok)
         if cfg.data is not None:  # a real parent distils on the Python corpus plus the user's text
-            train = np.concatenate([train, _tokens_from(cfg.data, tok)])
+            train_tokens = np.concatenate([train_tokens, _tokens_from(cfg.data, tok)])
         if cfg.val_data is not None:
-            val = np.concatenate([val, _tokens_from(cfg.val_data, tok)])
-        return tok, train, val
-    train_tokens = _tokens_from(cfg.data, tok)
-    if cfg.val_data:
-        return tok, train_tokens, _tokens_from(cfg.val_data, tok)
-    n_val = max(len(train_tokens) // 50, (cfg.eval_batches * cfg.micro_batch_size + 1) * cfg.seq_len + 1)
-    if n_val * 2 > len(train_tokens):
-        raise ValueError(f"--data {cfg.data} holds {len(train_tokens)} tokens, too few to hold out {n_val} for "
-                         f"evaluation: give more data or --val-data")
-    return tok, train_tokens[:-n_val], train_tokens[-n_val:]
+            held = np.concatenate([held, _tokens_from(cfg.val_data, tok)])
+    else:
+        train_tokens = _tokens_from(cfg.data, tok)  # a folder of shards: a data.ShardedTokens over memmaps
+        if cfg.val_data:
+            held = _tokens_from(cfg.val_data, tok)
+        else:
+            n_val = max(len(train_tokens) // 50, 2 * (cfg.eval_batches * cfg.micro_batch_size + 1) * cfg.seq_len + 2)
+            if n_val * 2 > len(train_tokens):
+                raise ValueError(f"--data {cfg.data} holds {len(train_tokens)} tokens, too few to hold out {n_val} "
+                                 f"for evaluation: give more data or --val-data")
+            train_tokens, held = train_tokens[:-n_val], train_tokens[-n_val:]
+    held = np.asarray(held)  # the held-out text is small: in memory (de-duplication, hashing, == eos_id)
+    held, info = dedupe_heldout(train_tokens, held, DEDUP_NGRAM, tok.bos_id, tok.eos_id)
+    val_tokens, test_tokens = split_in_two(held, tok.eos_id)
+    return tok, train_tokens, val_tokens, test_tokens, info
+
+
+# Held-out text that also occurs in the training stream measures memory, not generalisation: the
+# Python corpus repeats docstrings across documents (before this step 9% of held-out 32-token windows
+# occurred verbatim in training). Every held-out token covered by a DEDUP_NGRAM-token window that occurs
+# in the training tokens is dropped; what is left is re-cut into documents.
+DEDUP_NGRAM = 32
+DEDUP_MAX_TRAIN = 1 << 28  # above this many training tokens the hash table (8 B per token) is skipped
+
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every n-token window, computed in n vectorised passes (uint64 wraps)."""
+    t = np.asarray(tokens).astype(np.uint64)
+    h = np.zeros(max(0, len(t) - n + 1), dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(1_000_003) + t[j: j + len(h)]
+    return h
+
+
+def heldout_overlap(train: np.ndarray, held: np.ndarray, n: int) -> int:
+    """How many of the held-out stream's n-token windows (every position) occur in the training stream."""
+    if len(held) < n or len(train) < n:
+        return 0
+    return int(np.isin(ngram_hashes(held, n), ngram_hashes(train, n)).sum())
+
+
+def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos_id: int) -> tuple:
+    """Drop every held-out token inside an n-token window that also occurs in `train`; each surviving
+    run becomes a document (BOS ... EOS). Returns (tokens, record with the overlap before and after)."""
+    info = {"ngram": n, "windows": max(0, len(held) - n + 1), "tokens_before": len(held)}
+    if len(train) > DEDUP_MAX_TRAIN:
+        return held, info | {"skipped": f"more than {DEDUP_MAX_TRAIN} training tokens"}
+    train_h = np.unique(ngram_hashes(train, n))
+    info["overlap_before"] = int(np.isin(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    for _ in range(4):  # re-cutting adds BOS/EOS, which could (in principle) form a new match: check again
+        if len(held) < n:
+            break
+        seen = np.flatnonzero(np.isin(ngram_hashes(held, n), train_h))
+        if len(seen) == 0:
+            break
+        edges = np.zeros(len(held) + 1, dtype=np.int64)
+        np.add.at(edges, seen, 1)
+        np.add.at(edges, seen + n, -1)
+        keep = np.cumsum(edges[:-1]) == 0
+        bounds = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+        pieces = []
+        for a, b in zip(bounds[::2], bounds[1::2]):
+            run = held[a:b]
+            if len(run) < 2 or (len(run) == 2 and run[0] == bos_id):
+                continue
+            pieces += [run if run[0] == bos_id else np.concatenate([[bos_id], run]).astype(held.dtype)]
+            if run[-1] != eos_id:
+                pieces.append(np.array([eos_id], dtype=held.dtype))
+        held = np.concatenate(pieces) if pieces else held[:0]
+    info["tokens_after"] = len(held)
+    info["overlap_after"] = int(np.isin(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    return held, info
+
+
+def split_in_two(held: np.ndarray, eos_id: int) -> tuple:
+    """The held-out stream cut at the document end nearest its middle: (validation, test). The validation
+    half only chooses the baseline's learning rate; every figure in the table is on the test half."""
+    ends = np.flatnonzero(held == eos_id) + 1
+    cut = int(ends[np.argmin(np.abs(ends - len(held) // 2))]) if len(ends) else len(held) // 2
+    if not 0 < cut < len(held):
+        cut = len(held) // 2
+    return held[:cut], held[cut:]
 
 
 def _tokens_from(path: str, tok):
@@ -337,7 +563,7 @@ def _tokens_from(path: str, tok):
     return D.load_tokens(path, tok)
 
 
-def check_data(cfg: CascadeConfig, n_train: int, n_val: int, world: int):
+def check_data(cfg: CascadeConfig, n_train: int, n_val: int, n_test: int, world: int):
     needs = {"short": cfg.short_steps * cfg.batch_size * cfg.seq_len,
              "long": cfg.long_steps * cfg.batch_size * cfg.long_seq_len}
     if cfg.parent is None:
@@ -347,38 +573,100 @@ def check_data(cfg: CascadeConfig, n_train: int, n_val: int, world: int):
             raise ValueError(f"the {stage} stage needs {n:,} tokens but the data has {n_train:,} (--max-epochs "
                              f"{cfg.max_epochs}): give more data, fewer steps, or raise --max-epochs")
     need_val = cfg.eval_batches * (cfg.micro_batch_size * world) * cfg.seq_len + 1
-    if n_val < need_val:
-        raise ValueError(f"the held-out data has {n_val:,} tokens, fewer than the {need_val:,} that --eval-batches "
-                         f"{cfg.eval_batches} needs: give more --val-data or lower --eval-batches")
+    if min(n_val, n_test) < need_val:
+        raise ValueError(f"each held-out half (validation {n_val:,}, test {n_test:,} tokens after de-duplication) "
+                         f"needs the {need_val:,} tokens that --eval-batches {cfg.eval_batches} reads: give more "
+                         f"--val-data or lower --eval-batches")
 
 
 # -----------------------------------------------------------------------------
 # Stages
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: the cost of a run on a shared
+    machine, where wall time depends on the neighbours."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Stages:
-    """Finished stages are skipped: their checkpoint and done.json are read back instead."""
+    """Finished stages are skipped: their checkpoint and done.json are read back instead. done.json also
+    records the stage's wall and CPU seconds (of the session that finished it)."""
 
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
+        self.started = {}
 
     def dir(self, name):
         return os.path.join(self.cfg.out, name)
 
     def done(self, name) -> Optional[dict]:
         path = os.path.join(self.dir(name), "done.json")
+        while self.ctx.world == 1 and self.claim(name) == "busy":
+            log(self.ctx, f"== stage {name}: being made by another process, waiting")
+            time.sleep(5)
         if os.path.exists(path):
             log(self.ctx, f"== stage {name}: finished earlier, skipped")
             with open(path) as f:
                 return json.load(f)
+        self.started[name] = (time.time(), cpu_seconds())
         return None
 
+    def claim(self, name) -> str:
+        """Single-process runs on one --out (the ablations side by side, or one ablation in several
+        processes) share stages: the first to reach a stage claims it with a lock file holding its pid.
+        Returns "done", "mine" (claimed, or ours already) or "busy" (another live process holds it). A
+        lock whose process has died is taken over (that stage then resumes from its checkpoint)."""
+        if os.path.exists(os.path.join(self.dir(name), "done.json")):
+            return "done"
+        lock = os.path.join(self.dir(name), "running.pid")
+        os.makedirs(self.dir(name), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(lock) as f:
+                        pid = int(f.read().strip())
+                    if pid == os.getpid():
+                        return "mine"
+                    os.kill(pid, 0)  # raises ProcessLookupError if that process is gone
+                except FileNotFoundError:
+                    continue  # just released
+                except ValueError:
+                    return "busy"  # created, pid not yet written
+                except ProcessLookupError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(lock)  # stale: its process died
+                    continue
+                except PermissionError:
+                    pass  # alive, another user's
+                return "done" if os.path.exists(os.path.join(self.dir(name), "done.json")) else "busy"
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return "mine"
+
     def finish(self, name, info: dict) -> dict:
-        """train() has exported <stage>/model; done.json marks the stage finished."""
+        """train() has exported <stage>/model; done.json marks the stage finished. The export is what later
+        stages read, so the stage's training checkpoints are deleted (they only served a resume)."""
+        t0, c0 = self.started.pop(name, (time.time(), cpu_seconds()))
+        info = info | {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(cpu_seconds() - c0, 2)}
         if self.ctx.rank == 0:
             TR.write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
+            shutil.rmtree(os.path.join(self.dir(name), "ckpt"), ignore_errors=True)
+            if os.path.exists(os.path.join(self.dir(name), "running.pid")):
+                os.remove(os.path.join(self.dir(name), "running.pid"))
         TR.barrier()
         return info
+
+    def info(self, name) -> dict:
+        """The stage's done.json ({} for a stage this run did not make, e.g. a given --parent)."""
+        path = os.path.join(self.dir(name), "done.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
 
 @dataclass
@@ -387,15 +675,21 @@ class Context:
     world: int
     device: torch.device
     train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    val_tokens: np.ndarray  # validation half of the de-duplicated held-out text: chooses the baseline's lr
+    test_tokens: np.ndarray  # test half: every CE and KL in the tables
+    heldout: dict = field(default_factory=dict)  # the de-duplication record (overlap before and after)
     tok: Optional[D.Tokenizer] = None  # for the task evaluation (chat template, decoding)
+
+    def split(self, name: str) -> np.ndarray:
+        return {"val": self.val_tokens, "test": self.test_tokens}[name]
 
 
 def train_config(cfg: CascadeConfig, ctx: Context, out_dir: str, steps: int, seq_len: int, lr=None) -> TR.TrainConfig:
     return TR.TrainConfig(out_dir=out_dir, steps=steps, batch_size=cfg.batch_size,
                           micro_batch_size=cfg.micro_batch_size, seq_len=seq_len, lr=lr or cfg.lr,
                           warmup_steps=max(1, steps // 10), dtype=cfg.dtype, seed=cfg.seed, resume=True,
-                          ckpt_every=cfg.ckpt_every or max(1, steps // 4), log_every=max(1, steps // 25),
+                          ckpt_every=cfg.ckpt_every or max(1, steps // 2), keep_checkpoints=1,
+                          log_every=max(1, steps // 25),
                           activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
 
@@ -409,9 +703,9 @@ def build(source, ctx: Context, cfg: CascadeConfig, train=True):
                           init_seed=cfg.seed)
 
 
-def evaluate(student, teacher, ctx: Context, cfg: CascadeConfig, seq_len: int) -> dict:
-    val = loader(ctx, ctx.val_tokens, cfg, seq_len, seed=1234)
-    return DI.evaluate_pair(student, teacher, val, cfg.eval_batches)
+def evaluate(student, teacher, ctx: Context, cfg: CascadeConfig, seq_len: int, split: str = "test") -> dict:
+    held = loader(ctx, ctx.split(split), cfg, seq_len, seed=1234)
+    return DI.evaluate_pair(student, teacher, held, cfg.eval_batches)
 
 
 def stage_parent(cfg, ctx, stages: Stages, plan: Plan) -> str:
@@ -480,17 +774,24 @@ def stage_distill(cfg, ctx, stages, name, init_path, teacher, long_context: bool
     return os.path.join(stages.dir(name), "model")
 
 
-def stage_eval(cfg, ctx, stages, name, path, teacher, seq_len) -> dict:
-    """Held-out CE and KL of a checkpoint, cached in <stage>/eval.json."""
-    cache = os.path.join(stages.dir(name), "eval.json")
+def stage_eval(cfg, ctx, stages, name, path, teacher, seq_len, split="test") -> dict:
+    """Held-out CE and KL of a checkpoint, cached in <stage>/eval_<split>.json under a key of everything
+    the figure depends on besides the checkpoint (the held-out tokens, how many windows, their length):
+    another --eval-batches or held-out text recomputes it."""
+    cache = os.path.join(stages.dir(name), f"eval_{split}.json")
+    key = {"split": split, "tokens_sha1": hashlib.sha1(ctx.split(split).tobytes()).hexdigest(),
+           "sequences": cfg.eval_batches * cfg.micro_batch_size * ctx.world, "seq_len": seq_len,
+           "teacher": teacher is not None}
     if os.path.exists(cache):
         with open(cache) as f:
-            return json.load(f)
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["result"]
     args, _ = M.read_checkpoint_args(path)
     model = build(path, ctx, cfg, train=False)
-    result = evaluate(model, teacher, ctx, cfg, seq_len) | {"params": M.num_params(args)}
+    result = evaluate(model, teacher, ctx, cfg, seq_len, split) | {"params": M.num_params(args)}
     if ctx.rank == 0:
-        TR.write_json_atomic(cache, result)
+        TR.write_json_atomic(cache, {"key": key, "result": result})
     TR.barrier()
     return result
 
@@ -503,15 +804,20 @@ SAMPLE_TOKENS = 32
 def stage_tasks(cfg, ctx, stages, name, path) -> dict:
     """Exact-answer accuracy on cfg.math_problems held-out problems, asked through the tokenizer's chat
     template and answered greedily, and greedy answers to SAMPLE_PROMPTS; cached in <stage>/tasks.json.
-    Generation runs on rank 0 alone (model.generate is single-process)."""
+    Generation (and the cache) is rank 0's alone (model.generate is single-process); every rank meets at
+    the barrier, so a cache written meanwhile cannot send one rank past it."""
     cache = os.path.join(stages.dir(name), "tasks.json")
     if not cfg.math_problems:
         return {}
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
+    want = {"math_total": cfg.math_problems, "math_level": cfg.math_level, "math_seed": cfg.math_seed,
+            "math_new_tokens": cfg.math_new_tokens}
     result = {}
-    if ctx.rank == 0:
+    if ctx.rank == 0 and os.path.exists(cache):  # another --math-problems / level / seed / length recomputes it
+        with open(cache) as f:
+            cached = json.load(f)
+        if all(cached.get(k) == v for k, v in want.items()):
+            result = cached
+    if ctx.rank == 0 and not result:
         t0, c0 = time.time(), time.process_time()
         model = M.load_model(path, device=ctx.device).eval()
         tok = ctx.tok
@@ -525,7 +831,7 @@ def stage_tasks(cfg, ctx, stages, name, path) -> dict:
         samples = M.generate(model, [tok.encode_chat([{"role": "user", "content": q}])[0] for q in SAMPLE_PROMPTS],
                              SAMPLE_TOKENS, eos_id=tok.eos_id)
         result = {"math_correct": sum(correct), "math_total": len(probs), "math_accuracy": sum(correct) / len(probs),
-                  "math_level": cfg.math_level, "math_seed": cfg.math_seed,
+                  "math_level": cfg.math_level, "math_seed": cfg.math_seed, "math_new_tokens": cfg.math_new_tokens,
                   "math_examples": [{"question": p["question"], "answer": p["answer"], "output": t}
                                     for p, t in list(zip(probs, texts))[:5]],
                   "samples": [{"prompt": q, "output": tok.decode(a)} for q, a in zip(SAMPLE_PROMPTS, samples)],
@@ -536,18 +842,32 @@ def stage_tasks(cfg, ctx, stages, name, path) -> dict:
     return result
 
 
-def stage_baseline(cfg, ctx, stages, name, args: M.ModelArgs, tokens_budget: int, seq_len: int) -> str:
-    """The smallest size from random initialisation, trained with next-token CE on the same number of
-    tokens as its cascade child's own distillation stages."""
-    if stages.done(name) is None:
-        steps = max(1, tokens_budget // (cfg.batch_size * seq_len))
-        log(ctx, f"== stage {name}: train {M.num_params(args):,} parameters from scratch for {steps} steps")
-        model = build(args, ctx, cfg)
-        tcfg = train_config(cfg, ctx, stages.dir(name), steps, seq_len)
-        TR.train(model, loader(ctx, ctx.train_tokens, cfg, seq_len, cfg.seed + 99), DI.ce_loss_fn(DI.DistillConfig()),
-                 tcfg, device=ctx.device, name=name)
-        stages.finish(name, {"tokens": steps * cfg.batch_size * seq_len})
-    return os.path.join(stages.dir(name), "model")
+def stage_baseline(cfg, ctx, stages, name, args: M.ModelArgs, tokens_budget: int, seq_len: int) -> dict:
+    """The smallest size from random initialisation, trained with next-token CE on as many tokens as its
+    cascade child's own distillation stages, once per learning rate of --baseline-lrs. The run with the
+    lowest CE on the VALIDATION half of the held-out text is the baseline; the test half, which every
+    row of the table reads, plays no part in the choice. Returns {"path", "lr", "sweep", "tokens", ...}."""
+    steps = max(1, tokens_budget // (cfg.batch_size * seq_len))
+    sweep = []
+    for lr in parse_lrs(cfg.baseline_lrs):
+        sub = f"{name}/lr_{lr:g}"
+        if stages.done(sub) is None:
+            log(ctx, f"== stage {sub}: train {M.num_params(args):,} parameters from scratch for {steps} steps at lr {lr:g}")
+            model = build(args, ctx, cfg)
+            tcfg = train_config(cfg, ctx, stages.dir(sub), steps, seq_len, lr=lr)
+            TR.train(model, loader(ctx, ctx.train_tokens, cfg, seq_len, cfg.seed + 99),
+                     DI.ce_loss_fn(DI.DistillConfig()), tcfg, device=ctx.device, name=sub)
+            stages.finish(sub, {"tokens": steps * cfg.batch_size * seq_len, "lr": lr})
+            del model
+        path = os.path.join(stages.dir(sub), "model")
+        val = stage_eval(cfg, ctx, stages, sub, path, None, seq_len, split="val")
+        info = stages.info(sub)
+        sweep.append({"lr": lr, "stage": sub, "val_ce": val["ce"], "val_tokens": val["tokens"], "steps": steps,
+                      "tokens": info["tokens"], "seconds": info["seconds"], "cpu_seconds": info["cpu_seconds"]})
+    best = min(sweep, key=lambda r: r["val_ce"])
+    return {"path": os.path.join(stages.dir(best["stage"]), "model"), "stage": best["stage"], "lr": best["lr"],
+            "tokens": best["tokens"], "sweep": sweep, "seconds": sum(r["seconds"] for r in sweep),
+            "cpu_seconds": sum(r["cpu_seconds"] for r in sweep)}
 
 
 # -----------------------------------------------------------------------------
@@ -561,21 +881,24 @@ def prepare(cfg: CascadeConfig, rank: int, world: int, device) -> tuple[Context,
     plan = make_plan(cfg)
     if cfg.teacher is not None:
         M.read_checkpoint_args(cfg.teacher)
-    tok, train_tokens, val_tokens = load_data(cfg, plan)
-    check_data(cfg, len(train_tokens), len(val_tokens), world)
+    claim_out_dir(cfg, plan, rank, write=False)  # refuse changed settings before reading any data
+    tok, train_tokens, val_tokens, test_tokens, heldout = load_data(cfg, plan)
+    check_data(cfg, len(train_tokens), len(val_tokens), len(test_tokens), world)
     claim_out_dir(cfg, plan, rank)
     TR.barrier()
-    ctx = Context(rank, world, device, train_tokens, val_tokens, tok)
-    log(ctx, f"data: {len(train_tokens):,} train / {len(val_tokens):,} held-out tokens, vocab {tok.vocab_size} "
+    ctx = Context(rank, world, device, train_tokens, val_tokens, test_tokens, heldout, tok)
+    log(ctx, f"data: {len(train_tokens):,} train / {len(val_tokens):,} validation / {len(test_tokens):,} test "
+             f"tokens, vocab {tok.vocab_size}; held-out {heldout['ngram']}-token windows also in training: "
+             f"{heldout.get('overlap_before', '?')} before de-duplication, {heldout.get('overlap_after', '?')} after "
              f"({time.time() - t0:.1f}s)")
     return ctx, plan
 
 
 def run_cascade(cfg: CascadeConfig) -> dict:
-    cfg = resolved(cfg)
     rank, world, _, device = TR.setup_distributed()
     try:
-        t0, c0 = time.time(), time.process_time()  # CPU time beside wall time: the box may be shared
+        t0, c0, load0 = time.time(), cpu_seconds(), os.getloadavg()[0]
+        cfg = resolved(cfg, world)
         ctx, plan = prepare(cfg, rank, world, device)
         stages = Stages(cfg, ctx)
         if cfg.ablation:
@@ -584,36 +907,63 @@ def run_cascade(cfg: CascadeConfig) -> dict:
         parent_path = stage_parent(cfg, ctx, stages, plan)
         teacher_path = cfg.teacher or parent_path
         teacher = build(teacher_path, ctx, cfg, train=False)
-        rows = [{"stage": "parent", **stage_eval(cfg, ctx, stages, "parent", parent_path, teacher, cfg.seq_len),
-                 **stage_tasks(cfg, ctx, stages, "parent", parent_path)}]
+        # Tokens each row has seen, upstream included: the parent's pretraining (unknown for a given parent)
+        # plus every distillation stage on the chain of checkpoints that led to it.
+        upstream = stages.info("parent").get("tokens", 0)
+        rows = [row(cfg, ctx, stages, "parent", "parent", parent_path, teacher, upstream, tasks=True)]
 
-        current = parent_path  # Algorithm 1: `parent` in the loop
-        child_tokens = 0
+        def run_info(**extra) -> dict:  # wall and CPU time so far (CPU beside wall: the box may be shared)
+            return {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
+                    "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
+                    "stages_cpu_seconds": round(sum(r["cpu_seconds"] or 0 for r in rows), 1), **extra}
+
+        current, made = parent_path, {}  # Algorithm 1: `parent` in the loop
         for name, target in plan.sizes:
             init = stage_prune(cfg, ctx, stages, f"{name}/init", current, target)
             short = stage_distill(cfg, ctx, stages, f"{name}/short", init, teacher, False, cfg.short_steps, cfg.seed + 1)
-            base = stage_distill(cfg, ctx, stages, f"{name}/long", short, teacher, True, cfg.long_steps, cfg.seed + 2)
-            for label, stage, path in (("pruned", "init", init), ("short", "short", short), ("base", "long", base)):
-                tasks = {} if label == "short" else stage_tasks(cfg, ctx, stages, f"{name}/{stage}", path)  # CPU time
-                rows.append({"stage": f"{name} {label}", **stage_eval(cfg, ctx, stages, f"{name}/{stage}", path, teacher,
-                                                                      cfg.seq_len), **tasks})
+            made[name] = (init, short)
             current = short  # the SHORT-context child seeds the next size
+        # The long stages feed no later size, so they run after the chain of short ones (another process on
+        # the same --out can take them meanwhile). The task evaluation (real parents) scores the pruned and
+        # the base child of each size, not the short one (CPU time).
+        for name, _ in plan.sizes:
+            init, short = made[name]
+            base = stage_distill(cfg, ctx, stages, f"{name}/long", short, teacher, True, cfg.long_steps, cfg.seed + 2)
+            short_tokens = stages.info(f"{name}/short")["tokens"]
+            rows.append(row(cfg, ctx, stages, f"{name} pruned", f"{name}/init", init, teacher, upstream, tasks=True))
+            rows.append(row(cfg, ctx, stages, f"{name} short", f"{name}/short", short, teacher, upstream + short_tokens))
+            rows.append(row(cfg, ctx, stages, f"{name} base", f"{name}/long", base, teacher,
+                            upstream + short_tokens + stages.info(f"{name}/long")["tokens"], tasks=True))
+            upstream += short_tokens  # the short child seeds the next size; the long stage is upstream of nothing
             if rank == 0 and cfg.math_problems:  # a real parent's run is long: keep a table of the sizes done so far
-                write_results(cfg, rows, plan, {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                                                "threads": torch.get_num_threads(), "partial_after": name})
-            child_tokens = cfg.short_steps * cfg.batch_size * cfg.seq_len + cfg.long_steps * cfg.batch_size * cfg.long_seq_len
-        if cfg.baseline and cfg.preset not in REAL_SMALL:  # a few thousand tokens from scratch say nothing next to a pretrained parent
+                write_results(cfg, rows, plan, ctx, None, run_info(partial_after=name))
+        baseline = None
+        # a few thousand tokens from scratch say nothing next to a pretrained parent: no baseline for REAL_SMALL
+        if cfg.baseline and cfg.preset not in REAL_SMALL:
             last_name, last_args = plan.sizes[-1]
-            b = stage_baseline(cfg, ctx, stages, "baseline", last_args, child_tokens, cfg.seq_len)
-            rows.append({"stage": f"{last_name} from scratch", **stage_eval(cfg, ctx, stages, "baseline", b, teacher, cfg.seq_len)})
+            child_tokens = cfg.batch_size * (cfg.short_steps * cfg.seq_len + cfg.long_steps * cfg.long_seq_len)
+            baseline = stage_baseline(cfg, ctx, stages, "baseline", last_args, child_tokens, cfg.seq_len)
+            rows.append(row(cfg, ctx, stages, f"{last_name} from scratch (lr {baseline['lr']:g})", baseline["stage"],
+                            baseline["path"], teacher, baseline["tokens"], seconds=baseline))
+        run = run_info()
         if rank == 0:
-            write_results(cfg, rows, plan, {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                                            "threads": torch.get_num_threads()})
-        log(ctx, f"cascade finished in {time.time() - t0:.0f}s (process CPU {time.process_time() - c0:.0f}s); "
-                 f"results in {cfg.out}/results")
-        return {"rows": rows}
+            write_results(cfg, rows, plan, ctx, baseline, run)
+        log(ctx, f"cascade finished in {run['seconds']:.0f}s ({run['cpu_seconds']:.0f} CPU-s); results in "
+                 f"{results_dir(cfg)}")
+        return {"rows": rows, "baseline": baseline, "heldout": ctx.heldout, "run": run}
     finally:
         TR.teardown_distributed()
+
+
+def row(cfg, ctx, stages, label, stage, path, teacher, tokens_seen, seconds=None, tasks=False) -> dict:
+    """One line of the table: held-out test CE and KL, the tokens seen (upstream included) and the time
+    the stage that made the checkpoint took (the baseline: its whole lr sweep); with `tasks`, the task
+    evaluation's math accuracy and sample answers (stage_tasks: real parents, else nothing)."""
+    ev = stage_eval(cfg, ctx, stages, stage, path, teacher, cfg.seq_len)
+    took = seconds or stages.info(stage)
+    return {"stage": label, "params": ev["params"], "ce": ev["ce"], "kl": ev.get("kl"), "eval_tokens": ev["tokens"],
+            "tokens_seen": tokens_seen, "seconds": took.get("seconds"), "cpu_seconds": took.get("cpu_seconds"),
+            **(stage_tasks(cfg, ctx, stages, stage, path) if tasks else {})}
 
 
 def log(ctx_or_rank, msg: str):
@@ -642,35 +992,57 @@ def larger_teacher(parent: M.ModelArgs) -> M.ModelArgs:
 
 def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -> dict:
     """One cascade step per run: prune the trained parent straight to the last size, distil it at short
-    context, and measure held-out CE and KL to the parent. Every variant runs ablation_seeds seeds; the
-    table gives mean and spread (population std). The parent (and any larger teacher) is trained once."""
-    if cfg.ablation not in ABLATIONS:
-        raise ValueError(f"--ablation {cfg.ablation!r} is unknown: choose one of {', '.join(ABLATIONS)}")
+    context, and measure held-out (test) CE and KL to the parent. Every variant runs ablation_seeds seeds;
+    the table gives mean and spread (population std) and each run's dropped layers. The parent (and any
+    larger teacher) is trained once."""
     if cfg.parent is not None:
         raise ValueError("--ablation runs on the embedded experiment: drop --parent")
+    t0, c0 = time.time(), cpu_seconds()
     parent_path = stage_parent(cfg, ctx, stages, plan)
     parent = build(parent_path, ctx, cfg, train=False)
     name, target = plan.sizes[-1]
-    results = {}
-    for variant, overrides in ABLATIONS[cfg.ablation].items():
-        runs = []
-        for s in range(cfg.ablation_seeds):
-            vcfg = dataclasses.replace(cfg, seed=cfg.seed + s, **{k: v for k, v in overrides.items() if k != "teacher"})
-            teacher, tag = parent, f"{cfg.ablation}/{slug(variant)}/seed{s}"
-            if overrides.get("teacher") == "larger":
-                big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
-                big_path = stage_parent(dataclasses.replace(cfg, seed=cfg.seed), ctx, Stages(
-                    dataclasses.replace(cfg, out=os.path.join(cfg.out, "larger_teacher")), ctx), big)
-                teacher = build(big_path, ctx, cfg, train=False)
-            init = stage_prune(vcfg, ctx, stages, f"{tag}/init", parent_path, target)
-            short = stage_distill(vcfg, ctx, stages, f"{tag}/short", init, teacher, False, cfg.short_steps, vcfg.seed + 1)
-            # KL is always measured against the parent, so the two teachers are compared on one scale
-            runs.append({"pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
-                         "distilled": stage_eval(vcfg, ctx, stages, f"{tag}/short", short, parent, cfg.seq_len)})
-        results[variant] = runs
+    results, teachers = {v: [None] * cfg.ablation_seeds for v in ABLATIONS[cfg.ablation]}, {}
+    # A run another process is making (the same command in several processes, or the ablations side by side)
+    # is put back at the end of the queue; the paper's variant goes last, since all three ablations share it.
+    queue = [(v, o, s) for v, o in sorted(ABLATIONS[cfg.ablation].items(), key=lambda kv: not kv[1])
+             for s in range(cfg.ablation_seeds)]
+    while queue:
+        variant, overrides, s = queue.pop(0)
+        vcfg = dataclasses.replace(cfg, seed=cfg.seed + s, **{k: v for k, v in overrides.items() if k != "teacher"})
+        # Stages are named by their settings, not by the ablation: the paper's setting (norm ratio, KL
+        # alone, the parent as teacher) is one run per seed that all three ablations share.
+        tag = "ablations/" + ("_".join(f"{k}_{slug(str(v))}" for k, v in sorted(overrides.items())) or "paper") + f"/seed{s}"
+        teacher = parent
+        if overrides.get("teacher") == "larger":
+            big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
+            big_stages = Stages(dataclasses.replace(cfg, out=os.path.join(cfg.out, "larger_teacher")), ctx)
+            big_path = stage_parent(cfg, ctx, big_stages, big)
+            teacher = build(big_path, ctx, cfg, train=False)
+            teachers[variant] = stage_eval(cfg, ctx, big_stages, "parent", big_path, None, cfg.seq_len) | {
+                "tokens_trained": big_stages.info("parent").get("tokens"),
+                "args": dataclasses.asdict(big.parent_args)}
+        init = stage_prune(vcfg, ctx, stages, f"{tag}/init", parent_path, target)
+        with open(os.path.join(stages.dir(f"{tag}/init"), "report.json")) as f:
+            layers = json.load(f)["layers"]
+        # Two layer rules that drop the same layers (same seed, same data) make the same child, bit for
+        # bit: the distilled stage is named by what determines it, so it is run once and shared.
+        short_tag = (f"ablations/distilled/seed{vcfg.seed}_drop{'-'.join(map(str, layers['dropped']))}"
+                     f"_ce{vcfg.ce_weight:g}_{'larger_teacher' if overrides.get('teacher') else 'parent'}")
+        if ctx.world == 1 and stages.claim(short_tag) == "busy":
+            queue.append((variant, overrides, s))
+            time.sleep(2)
+            continue
+        short = stage_distill(vcfg, ctx, stages, short_tag, init, teacher, False, cfg.short_steps, vcfg.seed + 1)
+        # KL is always measured against the parent, so the two teachers are compared on one scale
+        results[variant][s] = {"seed": vcfg.seed, "dropped_layers": layers["dropped"], "stage": tag,
+                               "distilled_stage": short_tag,
+                               "layer_scores": {k: layers[k] for k in ("norm_ratio", "block_influence")},
+                               "pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
+                               "distilled": stage_eval(vcfg, ctx, stages, short_tag, short, parent, cfg.seq_len)}
     parent_eval = stage_eval(cfg, ctx, stages, "parent", parent_path, parent, cfg.seq_len)
+    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1)}
     if ctx.rank == 0:
-        write_ablation(cfg, results, parent_eval, name)
+        write_ablation(cfg, results, parent_eval, name, plan, teachers, run)
     return results
 
 
@@ -683,24 +1055,46 @@ def mean_std(xs: list) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
-def write_ablation(cfg: CascadeConfig, results: dict, parent_eval: dict, size: str):
-    lines = [f"# Ablation `{cfg.ablation}` ({len(next(iter(results.values())))} seeds from {cfg.seed}; parent -> "
-             f"{size} miniature, {cfg.short_steps} short-context distillation steps)", "",
-             f"Parent held-out CE {parent_eval['ce']:.3f}.", "",
-             "| variant | CE after pruning | CE after distillation | KL to parent after distillation |",
-             "|---|---:|---:|---:|"]
+def write_ablation(cfg: CascadeConfig, results: dict, parent_eval: dict, size: str, plan: Plan, teachers: dict,
+                   run: dict):
+    seeds = len(next(iter(results.values())))
+    p, c = plan.parent_args, plan.sizes[-1][1]
+    lines = [f"# Ablation `{cfg.ablation}` (preset {cfg.preset}, {seeds} seed{'s' * (seeds > 1)} from {cfg.seed})", "",
+             f"Parent: {M.num_params(p):,} parameters, {p.n_layers} layers, d {p.dim}, FFN {p.hidden_dim}; held-out "
+             f"(test) CE {parent_eval['ce']:.3f}. Each run prunes it straight to the {size} miniature ({c.n_layers} "
+             f"layers, d {c.dim}, FFN {c.hidden_dim}{', tied' if c.tied_embeddings else ''}) and distils "
+             f"{cfg.short_steps} short-context steps ({cfg.short_steps * cfg.batch_size * cfg.seq_len:,} tokens). "
+             f"Mean ± population std over seeds; KL is to the parent.", ""]
+    for variant, t in teachers.items():
+        lines += [f"{variant}: {t['params']:,} parameters ({t['args']['n_layers']} layers, d {t['args']['dim']}, FFN "
+                  f"{t['args']['hidden_dim']}), trained on {t['tokens_trained']:,} tokens; held-out (test) CE "
+                  f"{t['ce']:.3f}.", ""]
+    lines += ["| variant | CE after pruning | CE after distillation | KL to parent after distillation | "
+              "dropped layers per seed |", "|---|---:|---:|---:|---|"]
     for variant, runs in results.items():
         cells = []
         for stage, key in (("pruned", "ce"), ("distilled", "ce"), ("distilled", "kl")):
             m, s = mean_std([r[stage][key] for r in runs])
             cells.append(f"{m:.3f} ± {s:.3f}")
+        cells.append("; ".join(",".join(map(str, r["dropped_layers"])) for r in runs))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    record = run_record(cfg, run)
+    lines += ["", "Runs that dropped the same layers with the same seed and loss share one distilled child "
+              "(`distilled_stage` in the json): their pruned models are the same, bit for bit.",
+              "", f"Per run (seed: CE after distillation): " + "; ".join(
+        f"{v} " + ", ".join(f"{r['seed']}: {r['distilled']['ce']:.3f}" for r in runs) for v, runs in results.items()),
+        "", f"Run: {record['date']}, {record['device']}, torch {record['torch']}, commit {record['commit']}, "
+        f"{run['seconds']:.0f} s wall / {run['cpu_seconds']:.0f} s CPU on a shared machine. Command: "
+        f"`{record['command']}`."]
     text = "\n".join(lines) + "\n"
-    out = os.path.join(cfg.out, "results")
+    out = results_dir(cfg)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"ablation_{cfg.ablation}.md"), "w") as f:
+    stem = f"ablation_{cfg.ablation}" + ("" if cfg.preset == "cpu" else f"_{cfg.preset}")
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(text)
-    TR.write_json_atomic(os.path.join(out, f"ablation_{cfg.ablation}.json"), {"parent": parent_eval, "runs": results})
+    TR.write_json_atomic(os.path.join(out, f"{stem}.json"), {"parent": parent_eval, "teachers": teachers,
+                                                             "runs": results, "run": record,
+                                                             "config": dataclasses.asdict(cfg)})
     print("\n" + text)
 
 
@@ -713,16 +1107,31 @@ def retention(ce: float, parent_ce: float, vocab: int) -> float:
     return (math.log(vocab) - ce) / (math.log(vocab) - parent_ce)
 
 
+def results_dir(cfg: CascadeConfig) -> str:
+    return cfg.results or os.path.join(cfg.out, "results")
+
+
+def fmt_tokens(n) -> str:
+    return "-" if not n else f"{n / 1e6:.2f}M"
+
+
+def fmt_seconds(s) -> str:
+    return "-" if s is None else f"{s:.0f}"
+
+
 def results_table(rows: list, vocab: int) -> str:
     parent_ce = rows[0]["ce"]
-    math = "math_total" in rows[0]
-    lines = ["| model | parameters | held-out CE | KL to teacher | kept |" + (" math exact |" if math else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|" if math else "")]
+    math = "math_total" in rows[0]  # a real parent's task evaluation: one more column
+    lines = ["| model | parameters | held-out CE | KL to teacher | kept | tokens seen (upstream incl.) | stage time (s) "
+             "| stage CPU (s) |" + (" math exact |" if math else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if math else "")]
     for r in rows:
+        kl = "-" if r.get("kl") is None else f"{r['kl']:.3f}"
         cell = (f" {r['math_correct']}/{r['math_total']} ({100 * r['math_accuracy']:.0f}%) |"
                 if "math_total" in r else (" |" if math else ""))
-        lines.append(f"| {r['stage']} | {r['params']:,} | {r['ce']:.3f} | {r['kl']:.3f} | "
-                     f"{100 * retention(r['ce'], parent_ce, vocab):.1f}% |" + cell)
+        lines.append(f"| {r['stage']} | {r['params']:,} | {r['ce']:.3f} | {kl} | "
+                     f"{100 * retention(r['ce'], parent_ce, vocab):.1f}% | {fmt_tokens(r.get('tokens_seen'))} | "
+                     f"{fmt_seconds(r.get('seconds'))} | {fmt_seconds(r.get('cpu_seconds'))} |" + cell)
     return "\n".join(lines)
 
 
@@ -739,86 +1148,123 @@ def samples_text(rows: list) -> str:
     return "\n".join(out)
 
 
-def write_results(cfg: CascadeConfig, rows: list, plan: Plan, timing: Optional[dict] = None):
-    out = os.path.join(cfg.out, "results")
+def run_record(cfg: CascadeConfig, run: dict) -> dict:
+    """Where and how a result was made: date, machine, torch, commit, the command, threads, load."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": platform.processor() or
+            platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": commit, "command": "python " + " ".join(sys.argv), **run}
+
+
+def write_results(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, baseline: Optional[dict], run: dict):
+    out = results_dir(cfg)
     os.makedirs(out, exist_ok=True)
     table = results_table(rows, plan.parent_args.vocab_size)
-    note = ("kept = (ln V - CE) / (ln V - CE_parent): the share of the parent's gain over a uniform guess that a "
-            "model keeps. 'pruned' is right after pruning, 'short' after short-context distillation, 'base' after "
-            "long-context distillation; CE and KL are measured at the short context.")
-    if "math_total" in rows[0]:
-        note += (f" math exact: greedy answers to {cfg.math_problems} held-out data.math_problems (level "
-                 f"{cfg.math_level!r}, seed {cfg.math_seed}) asked through the chat template, checked by "
-                 f"data.check_math_answer.\n\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
-    if timing:
-        note += (f"\n\nRun time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s process CPU "
-                 f"({timing['threads']} threads; wall time on a shared machine is inflated by other work).")
+    record = run_record(cfg, run)
+    last = plan.sizes[-1][0]
+    notes = [f"kept = (ln V - CE) / (ln V - CE_parent): the share of the parent's gain over a uniform guess that a "
+             f"model keeps. 'pruned' is right after pruning, 'short' after short-context distillation, 'base' after "
+             f"long-context distillation. CE and KL are on the test half of the held-out text at {cfg.seq_len} "
+             f"tokens ({rows[0]['eval_tokens']:,} tokens); held-out {ctx.heldout['ngram']}-token windows also found "
+             f"in the training tokens: {ctx.heldout.get('overlap_after', 'not checked')} (before de-duplication: "
+             f"{ctx.heldout.get('overlap_before', 'not checked')} of {ctx.heldout['windows']:,})."]
+    notes.append("Tokens seen include everything upstream: the parent's pretraining and every distillation stage on "
+                 "the chain of checkpoints that led to the row (each size is pruned from the previous size's short "
+                 "child). The cascaded children therefore inherit the parent's and the larger children's training; "
+                 "the from-scratch row sees only its own tokens, as many as the "
+                 f"{last} child's own short and long stages.")
+    if baseline is not None:
+        sweep = ", ".join(f"lr {r['lr']:g}: {r['val_ce']:.3f}" for r in baseline["sweep"])
+        notes.append(f"The from-scratch baseline was trained once per learning rate and the lowest CE on the "
+                     f"validation half chose it ({sweep}); its time is the whole sweep's.")
+    notes.append(f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch "
+                 f"threads), torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, "
+                 f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "
+                 f"{run['loadavg_end']} at the end; wall time on a shared machine is inflated). "
+                 f"Command: `{record['command']}`.")
+    if "math_total" in rows[0]:  # before the Run line
+        notes.insert(-1, f"math exact: greedy answers to {cfg.math_problems} held-out data.math_problems (level "
+                         f"{cfg.math_level!r}, seed {cfg.math_seed}) asked through the chat template, checked by "
+                         f"data.check_math_answer; the short children are not scored (CPU time).")
+    if run.get("partial_after"):
+        notes.append(f"Partial table: the sizes up to {run['partial_after']} are done; the run goes on.")
+    text = f"# Cascade retention\n\n{table}\n\n" + "\n\n".join(notes) + "\n"
+    if any("samples" in r for r in rows):
+        text += f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"# Cascade retention ({cfg.out})\n\n{table}\n\n{note}\n")
-    TR.write_json_atomic(os.path.join(out, "table.json"), rows)
-    TR.write_json_atomic(os.path.join(out, "run.json"), {"config": dataclasses.asdict(cfg), "timing": timing,
-                                                         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    plot_curves(read_curves(cfg, plan), os.path.join(out, "curves.png"))
-    print("\n" + table + "\n\n" + note)
+        f.write(text)
+    TR.write_json_atomic(os.path.join(out, "table.json"), {"rows": rows, "heldout": ctx.heldout, "run": record,
+                                                         "config": dataclasses.asdict(cfg)})
+    if baseline is not None:
+        TR.write_json_atomic(os.path.join(out, "lr_sweep.json"), {
+            "chosen_on": "validation half of the held-out text", "chosen_lr": baseline["lr"],
+            "sweep": baseline["sweep"], "run": record})
+    plot_curves(cfg, plan, baseline, os.path.join(out, "curves.png"))
+    print("\n" + table + "\n\n" + "\n\n".join(notes))
 
 
-def read_curves(cfg: CascadeConfig, plan: Plan) -> dict:
-    """{panel: {line: [(tokens, loss)]}} from each stage's metrics.jsonl. A child's long stage continues
-    its short stage's token axis."""
-    def points(stage, offset=0):
-        path = os.path.join(cfg.out, stage, "metrics.jsonl")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        seq = cfg.long_seq_len if stage in ("parent",) or stage.endswith("/long") else cfg.seq_len
-        return [(offset + r["step"] * cfg.batch_size * seq, r["loss"]) for r in recs if "loss" in r]
-
-    ce = {"parent": points("parent"), "3b from scratch" if cfg.shapes is None else "from scratch": points("baseline")}
-    kl = {}
-    for name, _ in plan.sizes:
-        short = points(f"{name}/short")
-        kl[f"{name} short"] = short
-        kl[f"{name} long"] = points(f"{name}/long", short[-1][0] if short else 0)
-    return {"next-token CE (pretraining)": ce, "KL to the teacher (distillation)": kl}
+def read_metrics(cfg: CascadeConfig, stage: str, seq_len: int) -> list:
+    """[(tokens, loss)] of a stage's metrics.jsonl. A resumed stage replays the steps after its last
+    checkpoint; the last record of each step wins, so the curve never doubles back."""
+    path = os.path.join(cfg.out, stage, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                if "loss" in r:
+                    by_step[r["step"]] = r["loss"]
+    return [(s * cfg.batch_size * seq_len, by_step[s]) for s in sorted(by_step)]
 
 
-def plot_curves(panels: dict, path: str, size=(1200, 520)):
-    """Loss against training tokens, one panel per objective, drawn with pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw  # pillow is a project dependency; only this function draws
+def plot_curves(cfg: CascadeConfig, plan: Plan, baseline: Optional[dict], path: str):
+    """Left: next-token CE of the parent's pretraining and of the from-scratch baseline (every lr of the
+    sweep). Right: KL to the teacher of every distillation stage in cascade order on one token axis, log
+    scale (it spans decades), with the stage boundaries marked."""
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ce_ax, kl_ax = fig.subplots(1, 2)
+    ln_v = math.log(plan.parent_args.vocab_size)
+    parent = read_metrics(cfg, "parent", cfg.long_seq_len)
+    if parent:
+        ce_ax.plot(*zip(*parent), label="parent (pretraining)", color="black")
+    last = plan.sizes[-1][0]
+    for r in (baseline or {}).get("sweep", []):
+        pts = read_metrics(cfg, r["stage"], cfg.seq_len)
+        if pts:
+            chosen = r["lr"] == baseline["lr"]
+            ce_ax.plot(*zip(*pts), label=f"{last} from scratch, lr {r['lr']:g}" + (" (chosen)" if chosen else ""),
+                       linestyle="-" if chosen else ":", linewidth=2 if chosen else 1.2)
+    ce_ax.axhline(ln_v, color="grey", linewidth=0.8, linestyle="--", label=f"uniform guess (ln {plan.parent_args.vocab_size})")
+    ce_ax.set(title="next-token CE (training loss)", xlabel="training tokens", ylabel="CE (nats)")
+    ce_ax.legend(fontsize=8)
+    ce_ax.grid(alpha=0.3)
 
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-    pw = size[0] // max(1, len(panels))
-    for k, (title, lines) in enumerate(panels.items()):
-        x0, x1, y0, y1 = k * pw + 70, (k + 1) * pw - 20, 40, size[1] - 130
-        d.text((x0, 12), title, fill="black")
-        pts = [p for c in lines.values() for p in c if math.isfinite(p[1])]
-        if not pts:
-            continue
-        xmax = max(p[0] for p in pts) or 1
-        ymin, ymax = min(p[1] for p in pts), max(p[1] for p in pts)
-        ymax = ymax if ymax > ymin else ymin + 1
-        X = lambda x: x0 + (x1 - x0) * x / xmax
-        Y = lambda y: y0 + (y1 - y0) * (1 - (y - ymin) / (ymax - ymin))
-        d.rectangle([x0, y0, x1, y1], outline="black")
-        for i in range(6):
-            yv, xv = ymin + (ymax - ymin) * i / 5, xmax * i / 5
-            d.line([x0 - 4, Y(yv), x0, Y(yv)], fill="black")
-            d.text((x0 - 55, Y(yv) - 6), f"{yv:.3g}", fill="black")
-            d.line([X(xv), y1, X(xv), y1 + 4], fill="black")
-            d.text((X(xv) - 12, y1 + 8), f"{xv / 1e6:.2g}M" if xv else "0", fill="black")
-        d.text(((x0 + x1) // 2 - 40, y1 + 24), "training tokens", fill="black")
-        for i, (name, c) in enumerate(lines.items()):
-            col = colors[i % len(colors)]
-            c = [(X(x), Y(y)) for x, y in c if math.isfinite(y)]
-            if len(c) > 1:
-                d.line(c, fill=col, width=2)
-            lx, ly = x0 + (i % 3) * (x1 - x0) // 3, y1 + 48 + 18 * (i // 3)
-            d.line([lx, ly + 6, lx + 25, ly + 6], fill=col, width=3)
-            d.text((lx + 30, ly), name, fill="black")
-    img.save(path)
+    offset, colors = 0, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, (name, _) in enumerate(plan.sizes):
+        for stage, seq, style in (("short", cfg.seq_len, "-"), ("long", cfg.long_seq_len, "--")):
+            pts = read_metrics(cfg, f"{name}/{stage}", seq)
+            if not pts:
+                continue
+            kl_ax.plot([offset + x for x, _ in pts], [max(y, 1e-6) for _, y in pts], style, color=colors[i % 6],
+                       label=f"{name} {stage} ({seq} tokens)")
+            kl_ax.axvline(offset, color="grey", linewidth=0.6)
+            kl_ax.text(offset, 1.0, f" {name}/{stage}", transform=kl_ax.get_xaxis_transform(), fontsize=7,
+                       va="bottom", rotation=30)
+            offset += pts[-1][0]
+    kl_ax.set_yscale("log")
+    kl_ax.set(xlabel="distillation tokens, stages in cascade order", ylabel="KL(teacher || student) (nats)")
+    kl_ax.set_title("KL to the teacher (distillation)", pad=28)
+    kl_ax.legend(fontsize=8)
+    kl_ax.grid(alpha=0.3, which="both")
+    for ax in (ce_ax, kl_ax):
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x else "0")
+    fig.savefig(path, dpi=110)
 
 
 # -----------------------------------------------------------------------------
@@ -1059,7 +1505,16 @@ def run_vision_cascade(cfg: CascadeConfig) -> dict:
 
 
 def config_from_argv(argv=None) -> CascadeConfig:
-    return TR.config_from_args(CascadeConfig, argv, description=__doc__.split("\n")[0])
+    """The flags of CascadeConfig (train.py's generator); --help shows each preset's value of the fields a
+    preset fills instead of "default None"."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    TR.add_dataclass_args(parser, CascadeConfig)
+    for action in parser._actions:
+        if action.dest in PRESET_STAGES["cpu"]:
+            values = ", ".join(f"{p} {v[action.dest]}" for p, v in PRESET_STAGES.items())
+            action.help = action.help.replace("(default None)", f"(default: the preset's: {values})")
+    ns = parser.parse_args(argv)
+    return CascadeConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(CascadeConfig)})
 
 
 def main(argv=None):

@@ -651,6 +651,19 @@ def evaluate(model, loader, loss_fn: Callable, n_batches: int, *, device, cfg: O
     return _all_reduce_sum(total, device)
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the records of steps after `step` (the checkpoint a resume starts from): the resumed run logs
+    them again, and a curve read from the file would otherwise double back."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, device,
           eval_fn: Optional[Callable] = None, name: str = "train", teacher_flops_per_token: float = 0.0,
           run_info: Optional[dict] = None) -> dict:
@@ -690,6 +703,8 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
     fpt = flops_per_token(model.args, cfg.seq_len, training=True) + teacher_flops_per_token
     tokens_per_step = cfg.batch_size * cfg.seq_len
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if start and rank == 0:
+        truncate_metrics(metrics_path, start)
     history, evals = [], []
     model.train()
     _sync(device)
