@@ -66,7 +66,7 @@ Deviations from the paper, and why:
     distillation stages. The cascaded child also inherits everything upstream (the parent's
     pretraining, the larger children's short stages); the table reports tokens seen, upstream included.
 
-Run: `python cascade.py` (about 4 minutes on 2 idle CPU cores), `python cascade.py --parent smollm2 --preset
+Run: `python cascade.py` (about 6 minutes on 2 idle CPU cores), `python cascade.py --parent smollm2 --preset
 cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset gpu` (the same experiment
 sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds). A rerun with changed settings
 refuses, naming them; `--restart-from STAGE` redoes that stage and every later one.
