@@ -6,8 +6,10 @@ interpreter so that one variant's peak cannot hide another's."""
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -17,6 +19,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed_median(fn, device, warmup: int, iters: int) -> tuple[float, float]:
+    """(wall s, process CPU s) of fn(): medians of `iters` calls after `warmup` calls, the device
+    synchronised around each. CPU time is the steadier figure on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(iters):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def mem_mark(device) -> int:

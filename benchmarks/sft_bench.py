@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ if ROOT not in sys.path:
 import model as M  # noqa: E402
 import sft as S  # noqa: E402
 import train as T  # noqa: E402
-from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
+from measure import mem_mark, mem_peak, run_fresh, timed_median  # noqa: E402
 
 CPU_SHAPE = dict(preset="bench-cpu", batch=4, seq=256)
 GPU_SHAPE = dict(preset="3b", batch=1, seq=4096)
@@ -72,19 +71,11 @@ def run_variant(precision: str, preset: str, batch: int, seq: int, device: str =
     for _ in range(warmup):
         step()
     base = mem_mark(dev)
-    times, cpu = [], []
-    for _ in range(iters):
-        sync(dev)
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    t = statistics.median(times)
+    t, t_cpu = timed_median(step, dev, 0, iters)
     tok_s = batch * seq / t
     fpt = M.flops_per_token(args, seq, training=True)
     u = T.mfu(tok_s, fpt, dev, "bf16")
-    return {**result, "step_s": t, "step_cpu_s": statistics.median(cpu), "tokens_per_s": tok_s, "mfu": u,
+    return {**result, "step_s": t, "step_cpu_s": t_cpu, "tokens_per_s": tok_s, "mfu": u,
             "flops_per_token": fpt, "peak_mem_growth_bytes": mem_peak(dev) - base,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads()}

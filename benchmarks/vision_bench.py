@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -44,7 +43,7 @@ import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
 import vision as V  # noqa: E402
-from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
+from measure import mem_mark, mem_peak, run_fresh, timed_median  # noqa: E402
 
 CPU_SHAPE = dict(vision="bench-cpu", text="bench-cpu", sizes=[(224, 224)] * 4 + [(280, 168)] * 4, seq=256,
                  dtype="float32")
@@ -59,20 +58,6 @@ def _images(sizes, args, seed=0):
         img = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
         out.append(V.preprocess(img, args))
     return out
-
-
-def _timed(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(iters):
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
 def vit_variant(impl: str, vision: str, sizes, dtype: str, device="cpu", warmup=1, iters=5, **_) -> dict:
@@ -97,7 +82,7 @@ def vit_variant(impl: str, vision: str, sizes, dtype: str, device="cpu", warmup=
         run = lambda: vit(xs)
     base = mem_mark(device)
     with torch.no_grad():
-        wall, cpu = _timed(run, device, warmup, iters)
+        wall, cpu = timed_median(run, device, warmup, iters)
     return {"impl": impl, "images_s": len(xs) / wall, "ms_per_call": 1000 * wall, "cpu_ms_per_call": 1000 * cpu,
             "patches": sum(x.shape[1] * x.shape[2] // args.patch_size ** 2 for x in xs),
             "peak_gib": (mem_peak(device) - base) / 2**30}
@@ -163,7 +148,7 @@ def step_variant(impl: str, vision: str, text: str, sizes, seq: int, dtype: str,
         opt.zero_grad(set_to_none=True)
 
     base = mem_mark(device)
-    wall, cpu = _timed(step, device, warmup, iters)
+    wall, cpu = timed_median(step, device, warmup, iters)
     return {"impl": impl, "step_s": wall, "cpu_s": cpu, "tok_s": x_BT.numel() / wall,
             "peak_gib": (mem_peak(device) - base) / 2**30, "trainable": sum(p.numel() for p in params)}
 
@@ -189,7 +174,7 @@ def matmul_rate(device="cpu", dtype="float32", n=1024, iters=5) -> dict:
     """FLOP/s of one square matmul per wall second and per process-CPU second: the floor's yardstick."""
     dt = getattr(torch, dtype)
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    wall, cpu = _timed(lambda: a @ b, device, 2, iters)
+    wall, cpu = timed_median(lambda: a @ b, device, 2, iters)
     return {"n": n, "flops_wall": 2 * n ** 3 / wall, "flops_cpu": 2 * n ** 3 / cpu}
 
 
