@@ -538,17 +538,17 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
 def hf_config(args: ModelArgs) -> dict:
     """A config.json transformers loads as Ministral3ForCausalLM, or as LlamaForCausalLM for a Llama
     (family "llama") that has not been given YaRN or the query temperature."""
+    shape = {
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "head_dim": args.head_dim,
+        "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tied_embeddings,
+        "hidden_act": "silu", "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    }
     if args.family == "llama" and args.yarn_factor is None and not args.qtemp_beta:
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "head_dim": args.head_dim,
-            "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
-            "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tied_embeddings,
-            "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-        }
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape, "pad_token_id": 2,
+                "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+                "attention_bias": False, "mlp_bias": False}
     if args.yarn_factor is not None and args.qtemp_beta and args.yarn_original_max_pos != args.qtemp_original_max_pos:
         raise CheckpointError("YaRN and the query temperature use different original lengths; the HF format "
                               "has one field for both: save with format='native'")
@@ -560,15 +560,8 @@ def hf_config(args: ModelArgs) -> dict:
     rope.update(llama_4_scaling_beta=args.qtemp_beta or 0.0,
                 original_max_position_embeddings=args.yarn_original_max_pos if args.yarn_factor is not None
                 else args.qtemp_original_max_pos)
-    return {
-        "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3",
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "head_dim": args.head_dim,
-        "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tied_embeddings,
-        "rope_parameters": rope, "hidden_act": "silu", "sliding_window": None,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11, "attention_dropout": 0.0,
-    }
+    return {"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", **shape, "pad_token_id": 11,
+            "rope_parameters": rope, "sliding_window": None}
 
 
 def args_from_params_json(p: dict, where: str = "params.json") -> ModelArgs:
