@@ -137,6 +137,7 @@ class CascadeConfig:
     dtype: Optional[str] = None  # fp32 or bf16
     activation_checkpointing: bool = False  # recompute each block in backward (real sizes: on)
     compile: bool = False  # torch.compile each block
+    teacher_cache_mb: int = 1024  # MiB of teacher outputs kept for batches seen again (distill.TeacherCache); 0 = off
     ckpt_every: Optional[int] = None  # training checkpoint every N steps (plus every 30 min); None = preset's
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
     eval_batches: Optional[int] = None  # held-out batches (of micro-batch x world sequences) for every CE/KL figure
@@ -291,6 +292,8 @@ def validate(cfg: CascadeConfig, world: int):
         bad("math-problems", cfg.math_problems, "must be at least 0 (0 = no task evaluation)")
     if cfg.math_new_tokens < 1:
         bad("math-new-tokens", cfg.math_new_tokens, "must be at least 1")
+    if cfg.teacher_cache_mb < 0:
+        bad("teacher-cache-mb", cfg.teacher_cache_mb, "must be at least 0 (0 = no teacher cache)")
     if cfg.ckpt_every is not None and cfg.ckpt_every < 1:
         bad("ckpt-every", cfg.ckpt_every, "must be at least 1 (or none for two per stage)")
     for k in ("lr", "distill_lr", "max_epochs"):
@@ -382,7 +385,8 @@ def read_parent_args(parent: str) -> M.ModelArgs:
 # Every setting a finished stage depends on, mapped to the first stage (in stage_order) it changes. A rerun
 # whose settings differ refuses, naming them; --restart-from that stage (or an earlier one) redoes it and
 # everything after it. Evaluation settings (--eval-batches, the held-out data) are keyed in each eval.json
-# instead and simply recomputed. Micro-batch, world size, checkpointing and compile change no result.
+# instead and simply recomputed. Micro-batch, world size, checkpointing, compile and the teacher cache change
+# no result.
 FIRST_STAGE_CHANGED = {
     **dict.fromkeys(("parent", "parent_args", "data", "tokenizer", "preset", "seed", "parent_steps", "lr",
                      "batch_size", "long_seq_len", "dtype"), "parent"),
@@ -507,11 +511,20 @@ def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_unique) by binary search: O(m log n) for m held-out windows against n
+    training windows, instead of np.isin's sort of both arrays on every call."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(values), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[idx] == values
+
+
 def heldout_overlap(train: np.ndarray, held: np.ndarray, n: int) -> int:
     """How many of the held-out stream's n-token windows (every position) occur in the training stream."""
     if len(held) < n or len(train) < n:
         return 0
-    return int(np.isin(ngram_hashes(held, n), ngram_hashes(train, n)).sum())
+    return int(in_sorted(ngram_hashes(held, n), np.unique(ngram_hashes(train, n))).sum())
 
 
 def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos_id: int) -> tuple:
@@ -521,11 +534,11 @@ def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos
     if len(train) > DEDUP_MAX_TRAIN:
         return held, info | {"skipped": f"more than {DEDUP_MAX_TRAIN} training tokens"}
     train_h = np.unique(ngram_hashes(train, n))
-    info["overlap_before"] = int(np.isin(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    info["overlap_before"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
     for _ in range(4):  # re-cutting adds BOS/EOS, which could (in principle) form a new match: check again
         if len(held) < n:
             break
-        seen = np.flatnonzero(np.isin(ngram_hashes(held, n), train_h))
+        seen = np.flatnonzero(in_sorted(ngram_hashes(held, n), train_h))
         if len(seen) == 0:
             break
         edges = np.zeros(len(held) + 1, dtype=np.int64)
@@ -543,7 +556,7 @@ def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos
                 pieces.append(np.array([eos_id], dtype=held.dtype))
         held = np.concatenate(pieces) if pieces else held[:0]
     info["tokens_after"] = len(held)
-    info["overlap_after"] = int(np.isin(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    info["overlap_after"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
     return held, info
 
 
@@ -907,6 +920,7 @@ def run_cascade(cfg: CascadeConfig) -> dict:
         parent_path = stage_parent(cfg, ctx, stages, plan)
         teacher_path = cfg.teacher or parent_path
         teacher = build(teacher_path, ctx, cfg, train=False)
+        cache = DI.attach_teacher_cache(teacher, cfg.teacher_cache_mb)
         # Tokens each row has seen, upstream included: the parent's pretraining (unknown for a given parent)
         # plus every distillation stage on the chain of checkpoints that led to it.
         upstream = stages.info("parent").get("tokens", 0)
@@ -948,6 +962,8 @@ def run_cascade(cfg: CascadeConfig) -> dict:
         run = run_info()
         if rank == 0:
             write_results(cfg, rows, plan, ctx, baseline, run)
+        if cache is not None:
+            log(ctx, f"teacher cache: {cache.hits} forwards reused, {cache.misses} run, {cache.bytes / 2**20:.0f} MiB")
         log(ctx, f"cascade finished in {run['seconds']:.0f}s ({run['cpu_seconds']:.0f} CPU-s); results in "
                  f"{results_dir(cfg)}")
         return {"rows": rows, "baseline": baseline, "heldout": ctx.heldout, "run": run}
@@ -1000,6 +1016,7 @@ def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -
     t0, c0 = time.time(), cpu_seconds()
     parent_path = stage_parent(cfg, ctx, stages, plan)
     parent = build(parent_path, ctx, cfg, train=False)
+    DI.attach_teacher_cache(parent, cfg.teacher_cache_mb)
     name, target = plan.sizes[-1]
     results, teachers = {v: [None] * cfg.ablation_seeds for v in ABLATIONS[cfg.ablation]}, {}
     # A run another process is making (the same command in several processes, or the ablations side by side)
