@@ -585,13 +585,13 @@ class DemoConfig:
     child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
     policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
     retable: Optional[str] = None  # only rewrite table.md beside this results.json (a recorded run) and exit
-    max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
+    max_operand: int = 49  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~14%; 5,000 questions)
     ops: str = "+-"  # operations of the problems
-    sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
-    sft_steps: int = 300  # SFT optimizer steps (the start must leave room: 10-90% held-out)
+    sft_problems: int = 4000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
+    sft_steps: int = 600  # SFT optimizer steps (the start must leave room: 10-90% held-out)
     sft_lr: float = 3e-3  # SFT peak learning rate
     grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
-    eval_problems: int = 200  # held-out problems, none of whose questions occur in SFT or GRPO
+    eval_problems: int = 1000  # held-out problems, none of whose questions occur in SFT or GRPO (at most 1/4 of all)
     record: Optional[str] = "benchmarks/grpo"  # results.json, table.md and curves.png are copied here
 
 
@@ -611,6 +611,13 @@ def demo_problems(dcfg: DemoConfig) -> dict:
     train_pool = [p for p in pool if p["question"] not in held_q]
     return {"sft": train_pool[:dcfg.sft_problems], "grpo": train_pool[dcfg.sft_problems:][:dcfg.grpo_problems],
             "held": held}
+
+
+def split_overlap(splits: dict) -> dict:
+    """Distinct questions per split and how many held-out questions occur in SFT or GRPO (must be 0)."""
+    q = {k: {p["question"] for p in v} for k, v in splits.items()}
+    return {"distinct_questions": {k: len(v) for k, v in q.items()},
+            "held_in_sft": len(q["held"] & q["sft"]), "held_in_grpo": len(q["held"] & q["grpo"])}
 
 
 def _plot(stats: list[dict], evals: list[dict], path: str):
@@ -721,7 +728,7 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
            "wall_s": time.time() - t0, "process_cpu_s": time.process_time() - c0,
            "note": "wall time on a shared machine (other jobs running): process CPU time beside it; a resumed run "
                    "counts only its own part",
-           "child": child, "splits": {k: len(v) for k, v in splits.items()},
+           "child": child, "splits": {k: len(v) for k, v in splits.items()}, "split_overlap": split_overlap(splits),
            "config": {"grpo": dataclasses.asdict(gcfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
            "held_out_before": res["start"], "held_out_after": res["end"], "evals": evals,
            "rollouts": stats, "reward_errors": res["reward_errors"]}
