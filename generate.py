@@ -265,10 +265,10 @@ class _Engine:
         H, K, E = a.n_heads, a.n_kv_heads, a.head_dim
         n = slot + 1
         views = self._views.get(B)
-        if views is None:  # per layer: the cache's [B, K, S, E] rows (writes) and their [B*K, S, E] view (bmm)
+        if views is None:  # per layer: [B, K, S, E] cache rows (writes), keys as [B*K, E, S], values as [B*K, S, E]
             S = self.k.shape[3]
-            views = self._views[B] = [(c[i, :B], c[i, :B].view(B * K, S, E)) for i in range(a.n_layers)
-                                      for c in (self.k, self.v)]
+            views = self._views[B] = [(self.k[i, :B], self.k[i, :B].view(B * K, S, E).transpose(1, 2),
+                                       self.v[i, :B], self.v[i, :B].view(B * K, S, E)) for i in range(a.n_layers)]
         cos, sin = self.cos[pos_B][:, None], self.sin_signed[pos_B][:, None]  # [B, 1, E]
         qscale_B = query_temperature(pos_B, a)
         bias = bias_BKS[:, :, :n].reshape(B * K, 1, n)
@@ -277,8 +277,7 @@ class _Engine:
         eps = self.eps
         rms = _rms_decode if fp32 else (lambda x, w, _: _rms(x, w, a.norm_eps))
         x_BD = F.embedding(tok_B, W.top["embed"])
-        for i, w in enumerate(self.dec_layers):
-            k4, kc, v4, vc = *views[2 * i], *views[2 * i + 1]
+        for w, (k4, kT, v4, vc) in zip(self.dec_layers, views):
             qkv = rms(x_BD, w["ln1"], eps) @ w["wqkv"]  # [B, (H + 2K) E]
             qk = qkv[:, :(H + K) * E].view(B, H + K, E)
             qk = torch.addcmul(qk * cos, qk.roll(E // 2, -1), sin)  # RoPE on q and k at once
@@ -287,12 +286,12 @@ class _Engine:
             q = qk[:, :H].reshape(B * K, H // K, E)  # kv head j serves q heads j*H/K .. (j+1)*H/K-1
             if qscale_B is not None:
                 q = q * qscale_B.repeat_interleave(K)[:, None, None].to(q.dtype)
-            s = torch.baddbmm(bias, q, kc[:, :n].transpose(1, 2), alpha=scale)  # [B*K, H/K, n]
+            s = torch.baddbmm(bias, q, kT[:, :, :n], alpha=scale)  # [B*K, H/K, n]
             p = torch.softmax(s, -1) if fp32 else torch.softmax(s, -1, dtype=torch.float32).to(s.dtype)
             y_BD = torch.bmm(p, vc[:, :n]).view(B, H * E)
-            x_BD = torch.addmm(x_BD, y_BD, w["wo"])
+            x_BD = _addmm(x_BD, y_BD, w["wo"])
             g, u = (rms(x_BD, w["ln2"], eps) @ w["w13"]).chunk(2, -1)
-            x_BD = torch.addmm(x_BD, F.silu(g).mul_(u), w["w2"])
+            x_BD = _addmm(x_BD, F.silu(g).mul_(u), w["w2"])
         return (rms(x_BD, W.top["norm"], eps) @ W.top["head"]).float()
 
     def keep_rows(self, idx):
@@ -308,6 +307,11 @@ def _for_decode(w, min_cols: int = 1024):
     and [256, 256] o projections ran 1.5x faster as `x @ W_t`, the [256, 1536] gate/up and the [256, 8192]
     head 1.2x and 2x faster prepacked (benchmarks/rollout_bench.py's shape, measured on a loaded 2-core host)."""
     return w.w_t if isinstance(w, _Prepacked) and w.w_t.shape[1] < min_cols else w
+
+
+def _addmm(x, y, w):
+    """x + y @ w, one fused op when w is a plain tensor."""
+    return x + y @ w if isinstance(w, _Prepacked) else torch.addmm(x, y, w)
 
 
 def _pick(logits_BV, cfg: RolloutConfig, gen):
@@ -490,6 +494,14 @@ def decode_bytes_per_step(weights: RolloutWeights, batch: int, context: int) -> 
     a = weights.args
     kv = 2 * a.n_layers * batch * a.n_kv_heads * context * a.head_dim * torch.finfo(weights.dtype).bits // 8
     return weights.nbytes() + kv
+
+
+def decode_flops_per_step(weights: RolloutWeights, batch: int, context: int) -> int:
+    """The arithmetic of one decode step: 2 flops per matmul weight per row, plus q.k and p.v over `context` keys."""
+    a = weights.args
+    mats = sum(getattr(w[k], "w_t", w[k]).numel() for w in weights.layers for k in _MATMULS if k in w)
+    mats += getattr(weights.top["head"], "w_t", weights.top["head"]).numel()
+    return 2 * batch * mats + 4 * batch * a.n_layers * a.n_heads * a.head_dim * context
 
 
 def mbu(bytes_per_step: int, seconds_per_step: float, device) -> Optional[float]:

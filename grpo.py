@@ -591,7 +591,7 @@ class DemoConfig:
     sft_steps: int = 600  # SFT optimizer steps (the start must leave room: 10-90% held-out)
     sft_lr: float = 3e-3  # SFT peak learning rate
     grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
-    eval_problems: int = 1000  # held-out problems, none of whose questions occur in SFT or GRPO (at most 1/4 of all)
+    eval_problems: int = 1000  # held-out problems, none of whose questions occur in SFT or GRPO (at most 1/3 of all)
     record: Optional[str] = "benchmarks/grpo"  # results.json, table.md and curves.png are copied here
 
 
@@ -604,7 +604,7 @@ def demo_problems(dcfg: DemoConfig) -> dict:
                                 max_operand=dcfg.max_operand, ops=dcfg.ops)
     questions = sorted({p["question"] for p in pool})
     random.Random(0).shuffle(questions)
-    n_held = min(len(questions) // 4, dcfg.eval_problems)
+    n_held = min(len(questions) // 3, dcfg.eval_problems)
     held_q = set(questions[:n_held])
     held = sorted((p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q),
                   key=lambda p: questions.index(p["question"]))[:dcfg.eval_problems]
