@@ -48,7 +48,8 @@ Deviations and choices where the paper is silent:
     counted in the rollout log; the run goes on.
 
 Run: `python grpo.py` (the offline demo: SFT the cascade's smallest child on easy arithmetic with
-sft.py, then GRPO; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
+sft.py, then GRPO, then the held-out accuracy before/after on questions that occur in neither SFT nor
+GRPO, with the paired sign test; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
 --no-format-gate --out runs/grpo_smollm2` (GRPO on the real model, no SFT); `python grpo.py --help`.
 Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (problems, tokenizer),
 sft.py (the demo's SFT stage and the [THINK] tokenizer).

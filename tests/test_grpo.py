@@ -1,6 +1,7 @@
 """grpo.py: the loss against a per-token loop over the equation, advantages and group dropping, clipping at
 both epsilons, reward parsing edge cases, the rubric judge, a CPU micro-run where the mean reward rises
-(through train.py's loop), and bad input (a raising reward, a prompt past the context, G = 1)."""
+(through train.py's loop), bad input (a raising reward, a prompt past the context, G = 1), and the demo's
+held-out split (unseen, large) with its sign test."""
 
 import math
 import os
