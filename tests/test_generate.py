@@ -1,6 +1,7 @@
 """generate.py: the rollout engine against the no-cache reference (greedy tokens exactly, log-probs to
-tolerance), the eager decode step against the general forward (fp32, bf16, prepacked wide projections), prefill sharing, compaction of finished rows, log-probs at the sampling temperature, the
-prepacked CPU matmuls, the CUDA graph (gpu), FSDP2-sharded weights (slow), bad input."""
+tolerance), the eager decode step against the general forward (fp32, bf16, prepacked wide projections),
+prefill sharing, compaction of finished rows, log-probs at the sampling temperature, the prepacked CPU
+matmuls, the CUDA graph (gpu), FSDP2-sharded weights (slow), bad input."""
 
 import dataclasses
 import os
