@@ -57,17 +57,21 @@ def parent_path(cfg):
     return path
 
 
-def child_path(cfg, plan, train_tokens, size):
-    """The cascade's pruned child of `size` (the chain of short children replaced by the pruned ones)."""
+def child_path(cfg, plan, train_tokens, size, tie_policy="mean"):
+    """The cascade's pruned child of `size` (the chain of short children replaced by the pruned ones).
+    tie_policy: prune.py's re-tie of a width cut ("mean" was its default when the cpu-real run was recorded;
+    the children made with another policy are kept under <size>_init_<policy>)."""
     names = [n for n, _ in plan.sizes]
-    path = os.path.join(OUT, f"{size}_init")
+    i = names.index(size)
+    cut = plan.sizes[i][1].dim < (plan.parent_args.dim if i == 0 else plan.sizes[i - 1][1].dim)
+    path = os.path.join(OUT, f"{size}_init" + (f"_{tie_policy}" if cut and tie_policy != "mean" else ""))
     if not os.path.exists(os.path.join(path, "config.json")):
-        i = names.index(size)
-        source = parent_path(cfg) if i == 0 else child_path(cfg, plan, train_tokens, names[i - 1])
+        source = parent_path(cfg) if i == 0 else child_path(cfg, plan, train_tokens, names[i - 1], tie_policy)
         parent = M.load_model(source)
         ld = D.PackedLoader(train_tokens, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed + 7)
         calib = [ld.batch(j)[0] for j in range(max(1, cfg.calib_seqs // cfg.micro_batch_size))]
-        child, _ = P.prune(parent, plan.sizes[i][1], calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed))
+        child, _ = P.prune(parent, plan.sizes[i][1], calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed,
+                                                                            tie_policy=tie_policy))
         M.save_model(child, path)
     return path
 
@@ -100,6 +104,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=2)
+    ap.add_argument("--tie-policy", default="mean", help="prune.py re-tie of the children (mean: as recorded)")
     ap.add_argument("--long", action="store_true", help="lr probe of the long stage (seq 256, YaRN switch)")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -116,7 +121,7 @@ def main():
         return
     if a.probe == "rope":
         for s in ["parent"] + a.sizes.split(","):
-            path = parent_path(cfg) if s == "parent" else child_path(cfg, plan, train_tokens, s)
+            path = parent_path(cfg) if s == "parent" else child_path(cfg, plan, train_tokens, s, a.tie_policy)
             m = M.load_model(path).eval()
             short = C.short_stage_args(m.args, cfg.seq_len)
             for label, args in [("as loaded", m.args), ("short-stage args", short),
@@ -131,7 +136,7 @@ def main():
                     rows.append(r)
         record("rope", rows, meta)
         return
-    init = child_path(cfg, plan, train_tokens, a.size)
+    init = child_path(cfg, plan, train_tokens, a.size, a.tie_policy)
     seq = cfg.long_seq_len if a.long else cfg.seq_len
     for lr in [float(x) for x in a.lrs.split(",")]:
         student = TR.build_model(init, tcfg(cfg, "", batch=a.batch, seq=seq), torch.device("cpu"))
@@ -144,7 +149,7 @@ def main():
                          tcfg(cfg, out_dir, a.steps, lr, a.batch, seq), dcfg, device="cpu", long_context=a.long)
         train_cpu = time.process_time() - c0
         after = evaluate(student, teacher, cfg, test_tokens, cfg.seq_len)
-        r = {"size": a.size, "stage": "long" if a.long else "short", "lr": lr, "steps": a.steps, "batch": a.batch,
+        r = {"size": a.size, "tie_policy": a.tie_policy, "stage": "long" if a.long else "short", "lr": lr, "steps": a.steps, "batch": a.batch,
              "tokens_per_step": a.batch * seq, "warmup_steps": max(1, a.steps // 10),
              "before": before, "after": after, "train_losses": [round(h["loss"], 3) for h in res["history"]],
              "grad_norms": [round(h["grad_norm"], 2) for h in res["history"]],
