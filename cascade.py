@@ -188,13 +188,18 @@ PRESET_STAGES = {
                   seq_len=16384, long_seq_len=262144, lr=1e-4, distill_lr=1e-4, dtype="bf16", calib_seqs=256, eval_batches=8),
     "smoke": dict(parent_steps=150, short_steps=20, long_steps=6, batch_size=8, micro_batch_size=8,
                   seq_len=64, long_seq_len=128, lr=3e-3, distill_lr=1e-3, dtype="fp32", calib_seqs=16, eval_batches=8),
-    # A real pretrained parent of ~100M parameters (SmolLM2-135M-Instruct, issue 11). On the CPU a distillation
-    # step of 1024 tokens costs ~45 s of one core (student + teacher + the 49K-vocabulary KL), so cpu-real
-    # (~25 minutes on 2 idle cores, an estimate from the recorded run's CPU time) distils only ~20K tokens
-    # per child; gpu-real is the same run sized for one GPU (~130M tokens per child).
-    "cpu-real": dict(parent_steps=0, short_steps=16, long_steps=2, batch_size=8, micro_batch_size=8,
-                     seq_len=128, long_seq_len=256, lr=3e-4, distill_lr=3e-4, dtype="fp32", calib_seqs=32,
-                     eval_batches=2, math_problems=200),
+    # A real pretrained parent of ~100M parameters (SmolLM2-135M-Instruct, issue 11). Measured process CPU of one
+    # thread (benchmarks/smollm2/probes/lr.json): a distillation step of 8 x 128 tokens (student + teacher + the
+    # 49K-vocabulary KL) costs 13.8 s for the 14b child, 11.0 s for 8b (~8.9 s for 3b by FLOPs), a long step of
+    # 8 x 256 about twice that; held-out CE+KL ~7.5 s per 1K tokens; the 200 math problems ~190 s for the
+    # parent (less for each child). cpu-real, ~4,500 CPU-s in all, is ~40 minutes on 2 idle cores (1.9x) and
+    # distils ~65K short + ~33K long tokens per child. distill_lr 1e-4, not 3e-4: on a freshly pruned child
+    # 3e-4 (first Adam step at full lr) raised held-out KL 7.13 -> 8.54 in 4 steps where 1e-4 lowered it to
+    # 4.99 (probes/lr.json); on the head-re-tied 8b child (prune.py deviation 4) 1e-4 matches 3e-4 (6.10 ->
+    # 3.27 vs 3.33). gpu-real is the same run sized for one GPU (~130M tokens per child).
+    "cpu-real": dict(parent_steps=0, short_steps=64, long_steps=16, batch_size=8, micro_batch_size=8,
+                     seq_len=128, long_seq_len=256, lr=3e-4, distill_lr=1e-4, dtype="fp32", calib_seqs=32,
+                     eval_batches=4, math_problems=200),
     "gpu-real": dict(parent_steps=0, short_steps=2000, long_steps=200, batch_size=32, micro_batch_size=8,
                      seq_len=2048, long_seq_len=8192, lr=3e-4, distill_lr=3e-4, dtype="bf16", calib_seqs=256,
                      eval_batches=16, math_problems=200),

@@ -426,6 +426,22 @@ def test_prune_to_a_tied_target_saves_a_tied_checkpoint(tmp_path):
     torch.testing.assert_close(back(x), m(x))
 
 
+def test_a_tied_parent_is_re_tied_through_its_head_by_default():
+    """Deviation 4: from a tied parent the default ("auto") re-tie shares the head, so the child's logits
+    given its final hidden states are exactly the untied child's; the input embedding is what changes.
+    (The "mean" policy, right for an untied parent, left SmolLM2's 8b child near a uniform guess.)"""
+    args = tiny(n_layers=3, tied_embeddings=True)
+    calib = make_calib(args)
+    untied, _ = P.prune(build(args), dataclasses.replace(args, dim=48, tied_embeddings=False), calib)
+    m, report = P.prune(build(args), dataclasses.replace(args, dim=48), calib)
+    assert report["tie"] == {"policy": "head", "head_rel_error": 0.0}
+    assert m.lm_head.weight is m.embed_tokens.weight and m.args.tied_embeddings
+    torch.testing.assert_close(m.lm_head.weight, untied.lm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(m.norm.weight, untied.norm.weight, rtol=0, atol=0)
+    assert not torch.equal(m.embed_tokens.weight, untied.embed_tokens.weight)  # the input side moved
+    assert P.tie_policy_for("auto", False) == "mean" and P.tie_policy_for("embedding", True) == "embedding"
+
+
 def test_prune_takes_the_target_rope_fields():
     args = tiny(n_layers=3)
     target = dataclasses.replace(args, n_layers=2, rope_theta=1e6, yarn_factor=4.0, yarn_original_max_pos=64,
