@@ -1341,7 +1341,7 @@ POST_STAGES = {  # optimizer steps per post-training stage, held-out problems pe
 }
 for _p in ("cpu_deep", "paper", "gpu-real"):
     POST_STAGES[_p] = POST_STAGES["cpu" if _p == "cpu_deep" else "gpu"]
-POST = dict(max_operand=14, ops="+-", held_out=100, pool=4000, new_tokens=24, sft_batch=32, sft_lr=2e-3,
+POST = dict(max_operand=14, ops="+-", held_out=100, pool=2500, new_tokens=24, sft_batch=32, sft_lr=2e-3,
             grpo_group=8, grpo_prompts=8, grpo_lr=2e-4, odpo_batch=16, odpo_lr=1e-4, pwrm_batch=16, pwrm_lr=1e-3,
             pwrm_problems=96, calib_problems=32, eval_seed=1234)
 
@@ -1353,6 +1353,7 @@ class PostData:
     train: list  # [{question, answer}] training pool (SFT, GRPO and ODPO prompts, PWRM pairs)
     held: list  # held-out problems, no question of which is in train
     overlap: int  # held-out questions also in the training pool (0 by construction; counted)
+    prompt_tokens: int  # the longest chat prompt (odpo.py's max_prompt_tokens)
 
     def chat(self, p: dict, reasoning: bool) -> list:
         if not reasoning:
@@ -1361,9 +1362,6 @@ class PostData:
         reply = ({"role": "assistant", "content": p["answer"], "thinking": trace} if self.think
                  else {"role": "assistant", "content": f"{trace} Answer: {p['answer']}"})
         return [{"role": "user", "content": p["question"]}, reply]
-
-    def prompt_tokens(self) -> int:
-        return max(len(self.tok.encode_chat([{"role": "user", "content": p["question"]}])[0]) for p in self.train + self.held)
 
 
 def post_data(cfg: CascadeConfig, ctx: Context) -> PostData:
@@ -1380,7 +1378,8 @@ def post_data(cfg: CascadeConfig, ctx: Context) -> PostData:
     held = sorted({p["question"]: p for p in pool if p["question"] in held_q}.values(), key=lambda p: p["question"])
     train = [p for p in pool if p["question"] not in held_q]
     overlap = len(held_q & {p["question"] for p in train})
-    return PostData(tok, "[THINK]" in tok.specials, train, held, overlap)
+    longest = max(len(tok.encode_chat([{"role": "user", "content": q}])[0]) for q in questions)
+    return PostData(tok, "[THINK]" in tok.specials, train, held, overlap, longest)
 
 
 def post_train_config(cfg, stages, name, steps, batch, lr, seq_len=0, **kw) -> TR.TrainConfig:
@@ -1395,6 +1394,10 @@ def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path
     if stages.done(name) is None:
         convs = [pd.chat(p, reasoning) for p in pd.train]
         seq = max(len(pd.tok.encode_chat(c)[0]) for c in convs) - 1
+        ctx_len = M.read_checkpoint_args(init_path)[0].max_seq_len
+        if max(seq, pd.prompt_tokens + POST["new_tokens"]) > ctx_len:
+            raise ValueError(f"post-training needs {max(seq, pd.prompt_tokens + POST['new_tokens'])} tokens of context "
+                             f"but {init_path} has max_seq_len {ctx_len}: raise --long-seq-len")
         log(ctx, f"== stage {name}: SFT {init_path} on {len(convs)} {'reasoning' if reasoning else 'instruct'} chats, "
                  f"{'KL to ' + teacher_path if teacher_path else 'CE'}")
         student = build(init_path, ctx, cfg)
@@ -1407,7 +1410,7 @@ def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path
 
 
 def odpo_config(pd: PostData) -> O.ODPOConfig:
-    return O.ODPOConfig(max_new_tokens=POST["new_tokens"], max_prompt_tokens=pd.prompt_tokens(), eval_prompts=0)
+    return O.ODPOConfig(max_new_tokens=POST["new_tokens"], max_prompt_tokens=pd.prompt_tokens, eval_prompts=0)
 
 
 def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardModel:
@@ -1421,6 +1424,9 @@ def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardMod
                                    ocfg.max_new_tokens, seed=11)
         convs = O.pwrm_conversations(O.PairwiseRewardModel(policy, pd.tok, max_response_tokens=ocfg.max_new_tokens), pairs)
         seq = max(len(pd.tok.encode_chat(c)[0]) for c in convs) - 1
+        if seq > policy.args.max_seq_len:
+            raise ValueError(f"the PWRM's chats need {seq} tokens of context but {init_path} has max_seq_len "
+                             f"{policy.args.max_seq_len}: raise --long-seq-len")
         tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], POST["pwrm_lr"], seq)
         S.run_sft(build(init_path, ctx, cfg), convs, pd.tok, tcfg, S.SFTConfig(), device=ctx.device, name=name)
         pwrm = O.PairwiseRewardModel(M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval(),
@@ -1525,7 +1531,8 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
         for label, stage, path, reasoning, start in chain:
             ev = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
             info = stages.info(stage)
-            rows.append({"size": n, "stage": label, "dir": stage, "start": start, **{k: v for k, v in ev.items() if k != "sampled"},
+            rows.append({"size": n, "stage": label, "dir": stage, "start": start, "win_rate": None, "win_pairs": 0,
+                         **{k: v for k, v in ev.items() if k != "sampled"},
                          "stage_seconds": info.get("seconds"), "stage_cpu_seconds": info.get("cpu_seconds")})
     if ctx.rank == 0:
         write_post_results(cfg, rows, pd, stages.info("post/pwrm"), run_info())
