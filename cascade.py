@@ -1518,7 +1518,7 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
     pwrm = stage_pwrm(cfg, ctx, stages, pd, sft[sizes[-1], "instruct_sft"])
     rows = []
     for n in sizes:
-        grpo = stage_grpo(cfg, ctx, stages, pd, f"{n}/grpo", sft[n, "instruct_sft"])
+        grpo = stage_grpo(cfg, ctx, stages, pd, f"{n}/grpo", sft[n, "reasoning_sft"])
         chain = [("base", f"{n}/long", bases[n], True, None),
                  ("SFT", f"{n}/instruct_sft", sft[n, "instruct_sft"], False, f"{n}/long"),
                  ("instruct ODPO", f"{n}/instruct_odpo",
