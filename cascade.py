@@ -31,6 +31,11 @@ Two ways to run it:
     distilled on the Python corpus (plus `--data`), and are also scored on held-out arithmetic through
     the chat template and on three fixed prompts, so the table shows what pruning breaks and
     distillation mends.
+  * `python cascade.py --posttrain` (any of the above but the vision cascade): after the cascade (its
+    finished stages are reused), every base child goes through the paper's post-training (PAPER.md
+    section 8): SFT then online DPO (instruct) and SFT then GRPO then online DPO (reasoning), each step a
+    resumable stage, ending with one table of held-out math accuracy, format rate, loop rate and PWRM win
+    rate per size and stage (the "Post-training" section, near the end, lists its own choices a-e).
 
 Deviations from the paper, and why:
  1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
@@ -71,8 +76,9 @@ cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset g
 sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds). A rerun with changed settings
 refuses, naming them; `--restart-from STAGE` redoes that stage and every later one.
 `rm -rf runs/demo-record && python cascade.py --out runs/demo-record --results benchmarks/demo`
-regenerates the committed demo record (table, per-stage times, lr sweep, plot).
-Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py.
+regenerates the committed demo record (table, per-stage times, lr sweep, plot); `python cascade.py
+--posttrain --out runs/demo-post --results benchmarks/posttrain` adds the post-training chain to it.
+Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py; sft.py, grpo.py, odpo.py (--posttrain).
 """
 
 from __future__ import annotations
