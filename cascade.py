@@ -1425,7 +1425,8 @@ def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardMod
     if stages.done(name) is None:
         log(ctx, f"== stage {name}: pairwise reward model from {init_path}, {cfg.post_pwrm_steps} SFT steps")
         policy = M.load_model(init_path, device=ctx.device).eval()
-        fit, calib = pd.train[:POST["pwrm_problems"]], pd.train[-POST["calib_problems"]:]
+        k = min(POST["pwrm_problems"], 8 * cfg.post_pwrm_steps)  # a short PWRM stage (tests) samples fewer pairs
+        fit, calib = pd.train[:k], pd.train[-min(POST["calib_problems"], k):]
         pairs = O.preference_pairs(fit, O.sample_answers(policy, pd.tok, fit, 2, ocfg, seed=11), pd.tok,
                                    ocfg.max_new_tokens, seed=11)
         convs = O.pwrm_conversations(O.PairwiseRewardModel(policy, pd.tok, max_response_tokens=ocfg.max_new_tokens), pairs)
