@@ -1483,6 +1483,7 @@ def post_eval(cfg, ctx, stages, pd: PostData, name, path, reasoning: bool, start
     held = pd.held[:cfg.post_eval_problems]
     key = {"held": [p["question"] for p in held], "new_tokens": ocfg.max_new_tokens, "reasoning": reasoning,
            "start": start, "start_made": stages.info(start) if start else None,  # done.json: unique to one training
+           "measures": 2,  # the version of what is measured: a new measure recomputes the cached ones
            "pwrm_made": stages.info("post/pwrm") if start else None}
     if os.path.exists(cache):
         with open(cache) as f:
@@ -1508,7 +1509,9 @@ def post_eval(cfg, ctx, stages, pd: PostData, name, path, reasoning: bool, start
         convs = [[{"role": "user", "content": p["question"]}] for p in held]
         p, keep = O.judge_pairs(pwrm, tok, ocfg, convs, sampled, start_samples)
         kept = [q for q, k in zip(p, keep) if k]
-        result |= {"win_rate": float(np.mean(kept)) if kept else None, "win_pairs": len(kept)}
+        result |= {"win_rate": float(np.mean(kept)) if kept else None, "win_pairs": len(kept),
+                   # a sample equal to the start's, token for token, is a tie (p = 0.5 by the both-order average)
+                   "same_as_start": float(np.mean([list(a) == list(b) for a, b in zip(sampled, start_samples)]))}
     TR.write_json_atomic(cache, {"key": key, "result": result})
     return result
 
@@ -1539,6 +1542,7 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
             ev = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
             info = stages.info(stage)
             rows.append({"size": n, "stage": label, "dir": stage, "start": start, "win_rate": None, "win_pairs": 0,
+                         "same_as_start": None, "training": post_training_log(stages, stage) if start else None,
                          **{k: v for k, v in ev.items() if k != "sampled"},
                          # base: the cascade's long stage made it (its time is in the retention table)
                          "stage_seconds": info.get("seconds") if start else None,
@@ -1548,14 +1552,25 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
     return rows
 
 
+def post_training_log(stages, stage) -> dict:
+    """What the stage's training did, for the record: done.json, and for ODPO the mean PWRM label p of its
+    rollout pairs and the mean implicit reward margin (odpo_steps.jsonl)."""
+    info = {k: v for k, v in stages.info(stage).items() if k not in ("seconds", "cpu_seconds")}
+    path = os.path.join(stages.dir(stage), "odpo_steps.jsonl")
+    if os.path.exists(path):
+        steps = [json.loads(line) for line in open(path) if line.strip()]
+        info |= {k: float(np.mean([s[k] for s in steps])) for k in ("mean_p", "reward_margin", "loop_rate")}
+    return info
+
+
 POST_ROWS = ("base", "SFT", "instruct ODPO", "reasoning SFT", "GRPO", "reasoning ODPO")
 
 
 def post_table(rows: list) -> str:
-    lines = ["| size | stage | started from | accuracy | format | loops greedy / T=0.7 | PWRM win rate vs start (pairs) "
-             "| mean new tokens | stage CPU (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | stage | started from | accuracy | format | loops greedy / T=0.7 | PWRM win rate vs start "
+             "(samples equal to the start's) | mean new tokens | stage CPU (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        win = "-" if r.get("win_rate") is None else f"{r['win_rate']:.2f} ({r['win_pairs']})"
+        win = "-" if r.get("win_rate") is None else f"{r['win_rate']:.2f} ({100 * r['same_as_start']:.0f}%)"
         lines.append(f"| {r['size']} | {r['stage']} | {r['start'] or '-'} | {100 * r['accuracy']:.1f}% | "
                      f"{100 * r['format_rate']:.0f}% | {100 * r['loop_rate_greedy']:.0f}% / {100 * r['loop_rate_sampled']:.0f}% | "
                      f"{win} | {r['mean_new_tokens']:.1f} | {fmt_seconds(r['stage_cpu_seconds'])} |")
@@ -1583,10 +1598,16 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         f"instruct SFT, {pwrm_info['pairs']} labelled pairs, calibrated temperature {cal['temperature']:.3g}, "
         f"held-out pair accuracy {100 * cal['accuracy']:.0f}%, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}). "
         "Starting models: SFT and reasoning SFT from base, ODPO from its SFT, GRPO from reasoning SFT, reasoning "
-        "ODPO from GRPO. 0.5 = no preference.",
+        "ODPO from GRPO. 0.5 = no preference; in brackets, the share of samples equal to the starting model's, "
+        "token for token (each a tie at exactly 0.5).",
         f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
         f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {POST['grpo_prompts']} prompts x "
         f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples.",
+        "Training signal: GRPO mean rollout reward, first -> last step: " + "; ".join(
+            f"{r['size']} {r['training']['first_mean_reward']:.3f} -> {r['training']['last_mean_reward']:.3f}"
+            for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
+        "preference, no gradient signal): " + "; ".join(
+            f"{r['size']} {r['stage']} {r['training'].get('mean_p', float('nan')):.3f}" for r in rows if "ODPO" in r["stage"]) + ".",
         f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch threads), "
         f"torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s "
         f"CPU for the whole command (the cascade's stages included when they ran); post-training stages "
