@@ -1560,6 +1560,12 @@ def post_training_log(stages, stage) -> dict:
     if os.path.exists(path):
         steps = [json.loads(line) for line in open(path) if line.strip()]
         info |= {k: float(np.mean([s[k] for s in steps])) for k in ("mean_p", "reward_margin", "loop_rate")}
+    path = os.path.join(stages.dir(stage), "rollouts.jsonl")
+    if os.path.exists(path):  # GRPO: one batch is noisy, so the mean of the first and of the last quarter of the steps
+        by_step = {s["step"]: s["mean_reward"] for s in (json.loads(line) for line in open(path) if line.strip())}
+        r = [by_step[k] for k in sorted(by_step)]
+        q = max(1, len(r) // 4)
+        info |= {"reward_first_quarter": float(np.mean(r[:q])), "reward_last_quarter": float(np.mean(r[-q:]))}
     return info
 
 
@@ -1603,8 +1609,8 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
         f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {POST['grpo_prompts']} prompts x "
         f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples.",
-        "Training signal: GRPO mean rollout reward, first -> last step: " + "; ".join(
-            f"{r['size']} {r['training']['first_mean_reward']:.3f} -> {r['training']['last_mean_reward']:.3f}"
+        "Training signal: GRPO mean rollout reward (T = 1), first quarter of the steps -> last quarter: " + "; ".join(
+            f"{r['size']} {r['training']['reward_first_quarter']:.3f} -> {r['training']['reward_last_quarter']:.3f}"
             for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
         "preference, no gradient signal): " + "; ".join(
             f"{r['size']} {r['stage']} {r['training'].get('mean_p', float('nan')):.3f}" for r in rows if "ODPO" in r["stage"]) + ".",
