@@ -1317,8 +1317,9 @@ def plot_curves(cfg: CascadeConfig, plan: Plan, baseline: Optional[dict], path: 
 #     instruct:   <size>/instruct_sft  -> <size>/instruct_odpo
 #     reasoning:  <size>/reasoning_sft -> <size>/grpo -> <size>/reasoning_odpo
 # plus one pairwise reward model, post/pwrm, shared by every ODPO stage and every win rate. The stages
-# call sft.run_sft, grpo.run_grpo and odpo.run_odpo with their demos' recipes (learning rates, the
-# GRPO and ODPO schedules, the PWRM's honest labelling rules and calibration).
+# call sft.run_sft, grpo.run_grpo and odpo.run_odpo with their demos' recipes (grpo.py's SFT learning rate,
+# the GRPO and ODPO schedules, the PWRM's honest labelling rules and calibration), shorter, and with GRPO
+# and ODPO at lr 3e-4 (their demos: 2e-4 and 1e-4) so that a few steps can move the policy.
 # Choices, ours where the paper is silent or the demo is smaller:
 #  a. Data: data.easy_math_problems ("What is a op b?", operands up to 14, + and -: 450 distinct questions)
 #     split by QUESTION into a held-out set and a training pool; the overlap is counted and reported (0).
