@@ -37,6 +37,9 @@ Deviations from the paper / choices where it is silent:
     come back in the input's dtype) fall below fp16's normal range; without loss scaling the input
     gradient was 35% off. bf16 has fp32's exponent range.
  7. Masked tokens are gathered out before the chunk loop, so they cost nothing.
+ 8. `TeacherCache` (optional, cascade.py turns it on): a teacher forward on a batch already seen returns
+    the stored hidden states. In a cascade every size distils on the same batches from the same root
+    teacher, so this removes most teacher forwards after the first size without changing a number.
 
 Run: `python -m pytest tests/test_losses.py -q`; `python benchmarks/kl_bench.py` (or `python bench.py kl`)
 times the fused loss against `kl_reference` (PAPER.md section 9 anchors).
@@ -425,6 +428,7 @@ def ce_reference(hidden, head, targets, mask=None, n_total=None):
 
 # stage imports
 import dataclasses
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -474,6 +478,47 @@ def _release(teacher: Transformer) -> None:
         teacher.reshard()
 
 
+class TeacherCache:
+    """The frozen teacher's final hidden states, memoised by input batch. A cascade distils every size from
+    the same root teacher on the same batches (each stage's loader has the same seed) and evaluates every
+    row on the same held-out windows, so after the first size most teacher forwards repeat one already
+    done. The key is the input ids' bytes and shape, the teacher's args (the long stage may switch its
+    RoPE) and the autocast dtype; the value is exactly what the forward returned. Entries are added until
+    `max_bytes` is reached, then the cache only reads. Attach with `attach_teacher_cache`; a teacher with
+    none runs its forward every time."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self.store: dict = {}
+
+    def hidden(self, teacher: Transformer, inputs_BT: torch.Tensor) -> torch.Tensor:
+        dev = inputs_BT.device.type
+        key = (hashlib.sha1(inputs_BT.detach().cpu().numpy().tobytes()).hexdigest(), tuple(inputs_BT.shape),
+               repr(teacher.args), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+        if key in self.store:
+            self.hits += 1
+            return self.store[key]
+        self.misses += 1
+        h_BTD = teacher(inputs_BT, return_hidden=True)
+        size = h_BTD.numel() * h_BTD.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.store[key], self.bytes = h_BTD, self.bytes + size
+        return h_BTD
+
+
+def attach_teacher_cache(teacher: Transformer, max_mb: int) -> Optional[TeacherCache]:
+    """Give the (frozen) teacher a TeacherCache of at most max_mb MiB; 0 removes it."""
+    teacher.hidden_cache = TeacherCache(max_mb * 2**20) if max_mb > 0 else None
+    return teacher.hidden_cache
+
+
+@torch.no_grad()
+def teacher_hidden(teacher: Transformer, inputs_BT: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden states for a batch, through its TeacherCache when it has one."""
+    cache = getattr(teacher, "hidden_cache", None)
+    return cache.hidden(teacher, inputs_BT) if cache is not None else teacher(inputs_BT, return_hidden=True)
+
+
 def _compute_dtype(h_BTD: torch.Tensor, W_VD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's final hidden states and head in the compute dtype (S4). Sharded, FSDP2's mixed
     precision already gives bf16; unsharded, train.py's autocast leaves both fp32 (the residual stream
@@ -492,8 +537,7 @@ def kl_loss_fn(teacher: Transformer, cfg: DistillConfig):
         raise ValueError(f"kl_loss_fn needs DistillConfig.loss 'kl', got {cfg.loss!r}")
 
     def loss_fn(student, inputs_BT, targets_BT, n_total):
-        with torch.no_grad():
-            t_hidden_BTD = teacher(inputs_BT, return_hidden=True)
+        t_hidden_BTD = teacher_hidden(teacher, inputs_BT)
         t_head_VD = _plain(teacher.lm_head.weight)
         valid_N = targets_BT.flatten() != -100
 
@@ -587,7 +631,7 @@ def evaluate_pair(student: Transformer, teacher: Optional[Transformer], loader, 
         x_BT, y_BT = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
         valid_N = y_BT.flatten() != -100
         if teacher is not None:
-            t_hidden_BTD = teacher(x_BT, return_hidden=True)
+            t_hidden_BTD = teacher_hidden(teacher, x_BT)
             t_head_VD = _plain(teacher.lm_head.weight)
 
         def head(h_BTD, W_VD):

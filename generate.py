@@ -20,7 +20,12 @@ the KV cache, so the engine is built around that (gpt-fast's recipe, in plain Py
     as model.generate does) and its keys/values are copied into its G rows.
  3. Decode: one token per row per step. On CUDA the step (all blocks + the head) is captured as one
     CUDA graph over the whole static cache (keys beyond the current slot are masked, so shapes never
-    change); on the CPU it runs eagerly and attends only to the filled part of the cache.
+    change); on the CPU it runs eagerly (`_Engine.decode`) and attends only to the filled part of the
+    cache. At batch 8 on one core a step is ~170 small ops around 17 matmuls, and per-op cost, not
+    arithmetic, is what separates it from HF, so decode is forward(T = 1) rewritten for op count: the
+    attention is baddbmm / softmax / bmm with each KV head's query group as the bmm rows (no SDPA
+    dispatch, no mask broadcast), the residual adds ride in addmm, RMSNorm is 3 ops, keys/values are
+    written in place through views made once per batch size. A test holds it to forward() step by step.
  4. Finished rows stop: on the eager path, whenever half of the live rows have emitted EOS the
     batch is compacted (the live rows' cache is gathered into a smaller cache), so finished rows stop
     costing compute; the run ends as soon as every row is finished. The CUDA graph keeps its static
@@ -31,7 +36,8 @@ the KV cache, so the engine is built around that (gpt-fast's recipe, in plain Py
     ops, not a public API: the one exception to the project's "official APIs only", taken because MKL's
     sgemm is poor at 8 rows (2.1x on the [256, 8192] head). A build without them, any dtype but fp32,
     or `prepack=False` uses plain `x @ W_t`; a self-check at start-up falls back on any mismatch, and a
-    test holds the two paths equal.
+    test holds the two paths equal. The decode step keeps oneDNN only for matmuls of >= 1024 output
+    columns (the gate/up and the head here): below that its per-call cost outweighs the gain.
  6. Per-token log-probs are returned at the sampling temperature: log softmax(logits / T) of the
     sampled token (plain log softmax for greedy, T = 0), the quantity GRPO's ratio uses (section 8:
     "compute training log-probs at the sampling temperature"). With top_p < 1 the sample comes from
@@ -184,6 +190,13 @@ class RolloutWeights:
 # The forward on gathered weights (prefill: T = prompt length; decode: T = 1)
 
 
+def _rms_decode(x_BD, w, eps_t):
+    """RMSNorm in 3 small ops instead of F.rms_norm's CPU decomposition (7): x * rsqrt(|x|^2 / D + eps) * w.
+    eps_t: eps as a 0-dim tensor of x's dtype. fp32 only (decode's CPU path); bf16 keeps _rms's fp32 order."""
+    v_B1 = torch.linalg.vector_norm(x_BD, dim=-1, keepdim=True)
+    return torch.addcmul(eps_t, v_B1, v_B1, value=1.0 / x_BD.shape[-1]).rsqrt_().mul(x_BD).mul_(w)
+
+
 def _rms(x, w, eps):
     if x.dtype == torch.float32:  # one fused op; the same arithmetic as model.RMSNorm in fp32
         return F.rms_norm(x, (x.shape[-1],), w, eps)
@@ -204,6 +217,10 @@ class _Engine:
         self.cos = (torch.cat([freqs, freqs], -1).cos() * att).to(W.dtype)  # [S, E]
         s = freqs.sin() * att
         self.sin_signed = torch.cat([-s, s], -1).to(W.dtype)
+        self._views: dict = {}  # decode(): per batch size, the per-layer cache views
+        self.eps = torch.tensor(a.norm_eps, dtype=W.dtype, device=W.device)  # decode()'s RMSNorm eps
+        # decode()'s matmul weights: oneDNN's prepacked layout only where it pays at a few rows (reading guide, 5)
+        self.dec_layers = [{k: _for_decode(v) for k, v in w.items()} for w in W.layers]
 
     def forward(self, tok_BT, pos_BT, mask_BTS, start, n_keys, slot_t=None):
         """Last-position logits [B, V] (fp32). Keys/values of these T tokens go to cache slots start..;
@@ -241,11 +258,66 @@ class _Engine:
         h_BD = _rms(x_BTD[:, -1].contiguous(), W.top["norm"], a.norm_eps)
         return (h_BD @ W.top["head"]).float()
 
+    def decode(self, tok_B, pos_B, bias_BKS, slot: int):
+        """The eager decode step (one new token per row), written for op count: at batch 8 on the CPU a step
+        is a few hundred small ops, so each one saved is time saved. Same arithmetic as forward(T=1), with
+        three changes: attention is three batched matmuls over the filled slots [0, slot] (the KV heads'
+        query groups as bmm rows: no SDPA dispatch, no mask broadcast), the residual adds are fused into
+        the matmuls (addmm), and the small matmuls use plain `x @ W_t` (oneDNN's per-call cost exceeds its
+        gain below the head's size; the prepacked head stays). bias_BKS: [B, K, >= slot + 1] additive key
+        mask (0 or -inf, the padding of left-padded prompts), shared by all layers. Returns [B, V] fp32."""
+        W, a = self.W, self.a
+        B = tok_B.shape[0]
+        H, K, E = a.n_heads, a.n_kv_heads, a.head_dim
+        n = slot + 1
+        views = self._views.get(B)
+        if views is None:  # per layer: [B, K, S, E] cache rows (writes), keys as [B*K, E, S], values as [B*K, S, E]
+            S = self.k.shape[3]
+            views = self._views[B] = [(self.k[i, :B], self.k[i, :B].view(B * K, S, E).transpose(1, 2),
+                                       self.v[i, :B], self.v[i, :B].view(B * K, S, E)) for i in range(a.n_layers)]
+        cos, sin = self.cos[pos_B][:, None], self.sin_signed[pos_B][:, None]  # [B, 1, E]
+        qscale_B = query_temperature(pos_B, a)
+        bias = bias_BKS[:, :, :n].reshape(B * K, 1, n)
+        scale = E ** -0.5
+        fp32 = self.W.dtype == torch.float32
+        eps = self.eps
+        rms = _rms_decode if fp32 else (lambda x, w, _: _rms(x, w, a.norm_eps))
+        x_BD = F.embedding(tok_B, W.top["embed"])
+        for w, (k4, kT, v4, vc) in zip(self.dec_layers, views):
+            qkv = rms(x_BD, w["ln1"], eps) @ w["wqkv"]  # [B, (H + 2K) E]
+            qk = qkv[:, :(H + K) * E].view(B, H + K, E)
+            qk = torch.addcmul(qk * cos, qk.roll(E // 2, -1), sin)  # RoPE on q and k at once
+            k4.select(2, slot).copy_(qk[:, H:])
+            v4.select(2, slot).copy_(qkv[:, (H + K) * E:].view(B, K, E))
+            q = qk[:, :H].reshape(B * K, H // K, E)  # kv head j serves q heads j*H/K .. (j+1)*H/K-1
+            if qscale_B is not None:
+                q = q * qscale_B.repeat_interleave(K)[:, None, None].to(q.dtype)
+            s = torch.baddbmm(bias, q, kT[:, :, :n], alpha=scale)  # [B*K, H/K, n]
+            p = torch.softmax(s, -1) if fp32 else torch.softmax(s, -1, dtype=torch.float32).to(s.dtype)
+            y_BD = torch.bmm(p, vc[:, :n]).view(B, H * E)
+            x_BD = _addmm(x_BD, y_BD, w["wo"])
+            g, u = (rms(x_BD, w["ln2"], eps) @ w["w13"]).chunk(2, -1)
+            x_BD = _addmm(x_BD, F.silu(g).mul_(u), w["w2"])
+        return (rms(x_BD, W.top["norm"], eps) @ W.top["head"]).float()
+
     def keep_rows(self, idx):
         """Compaction: rows idx of the cache move to the front (reading guide, 4)."""
         n = idx.numel()
         self.k[:, :n] = self.k[:, idx]
         self.v[:, :n] = self.v[:, idx]
+
+
+def _for_decode(w, min_cols: int = 1024):
+    """The plain [in, out] weight behind a prepacked one with fewer than min_cols output columns. At batch 8
+    on the CPU oneDNN's per-call cost outweighs its gain below about a thousand columns: the [256, 384] qkv
+    and [256, 256] o projections ran 1.5x faster as `x @ W_t`, the [256, 1536] gate/up and the [256, 8192]
+    head 1.2x and 2x faster prepacked (benchmarks/rollout_bench.py's shape, measured on a loaded 2-core host)."""
+    return w.w_t if isinstance(w, _Prepacked) and w.w_t.shape[1] < min_cols else w
+
+
+def _addmm(x, y, w):
+    """x + y @ w, one fused op when w is a plain tensor."""
+    return x + y @ w if isinstance(w, _Prepacked) else torch.addmm(x, y, w)
 
 
 def _pick(logits_BV, cfg: RolloutConfig, gen):
@@ -334,7 +406,8 @@ def rollout(weights: RolloutWeights, prompts: list[list[int]], cfg: RolloutConfi
     logp_RM = torch.zeros(N, M, dtype=torch.float32, device=dev)
     len_R = torch.full((N,), M, dtype=torch.long, device=dev)
     done_R = torch.zeros(N, dtype=torch.bool, device=dev)
-    bias_RS = torch.zeros(N, S, device=dev, dtype=weights.dtype).masked_fill(~real_NS, float("-inf"))  # key mask
+    bias_RKS = torch.zeros(N, a.n_kv_heads, S, device=dev, dtype=weights.dtype)  # key mask, one row per KV head
+    bias_RKS.masked_fill_(~real_NS[:, None], float("-inf"))
     out = [torch.full_like(tok_RM, cfg.pad_id), torch.zeros_like(logp_RM), torch.full_like(len_R, M),
            torch.zeros_like(done_R)]
 
@@ -364,9 +437,9 @@ def rollout(weights: RolloutWeights, prompts: list[list[int]], cfg: RolloutConfi
             flush(done_R.nonzero()[:, 0])
             keep = (~done_R).nonzero()[:, 0]
             eng.keep_rows(keep)
-            rows, tok_B, lens_N, bias_RS = rows[keep], tok_B[keep], lens_N[keep], bias_RS[keep]
+            rows, tok_B, lens_N, bias_RKS = rows[keep], tok_B[keep], lens_N[keep], bias_RKS[keep]
             tok_RM, logp_RM, len_R, done_R = tok_RM[keep], logp_RM[keep], len_R[keep], done_R[keep]
-        logits = eng.forward(tok_B[:, None], (lens_N + i)[:, None], bias_RS[:, None, :P + i + 1], P + i, P + i + 1)
+        logits = eng.decode(tok_B, lens_N + i, bias_RKS, P + i)
     flush(torch.arange(rows.numel(), device=dev))
     out_tok, out_logp, length, done_N = out
     # Everything after a row's EOS is padding (the static CUDA-graph batch kept sampling finished rows).
@@ -427,6 +500,14 @@ def decode_bytes_per_step(weights: RolloutWeights, batch: int, context: int) -> 
     a = weights.args
     kv = 2 * a.n_layers * batch * a.n_kv_heads * context * a.head_dim * torch.finfo(weights.dtype).bits // 8
     return weights.nbytes() + kv
+
+
+def decode_flops_per_step(weights: RolloutWeights, batch: int, context: int) -> int:
+    """The arithmetic of one decode step: 2 flops per matmul weight per row, plus q.k and p.v over `context` keys."""
+    a = weights.args
+    mats = sum(getattr(w[k], "w_t", w[k]).numel() for w in weights.layers for k in _MATMULS if k in w)
+    mats += getattr(weights.top["head"], "w_t", weights.top["head"]).numel()
+    return 2 * batch * mats + 4 * batch * a.n_layers * a.n_heads * a.head_dim * context
 
 
 def mbu(bytes_per_step: int, seconds_per_step: float, device) -> Optional[float]:

@@ -48,7 +48,8 @@ Deviations and choices where the paper is silent:
     counted in the rollout log; the run goes on.
 
 Run: `python grpo.py` (the offline demo: SFT the cascade's smallest child on easy arithmetic with
-sft.py, then GRPO; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
+sft.py, then GRPO, then the held-out accuracy before/after on questions that occur in neither SFT nor
+GRPO, with the paired sign test; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
 --no-format-gate --out runs/grpo_smollm2` (GRPO on the real model, no SFT); `python grpo.py --help`.
 Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (problems, tokenizer),
 sft.py (the demo's SFT stage and the [THINK] tokenizer).
@@ -585,13 +586,13 @@ class DemoConfig:
     child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
     policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
     retable: Optional[str] = None  # only rewrite table.md beside this results.json (a recorded run) and exit
-    max_operand: int = 14  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (start ~26%)
-    ops: str = "+-"  # operations of the problems
-    sft_problems: int = 2000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
-    sft_steps: int = 300  # SFT optimizer steps (the start must leave room: 10-90% held-out)
+    max_operand: int = 49  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (2,500 sums; start ~80%)
+    ops: str = "+"  # operations of the problems (with "-" too the child stays near 9% and GRPO gains nothing)
+    sft_problems: int = 4000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
+    sft_steps: int = 600  # SFT optimizer steps (the start must leave room: 10-90% held-out)
     sft_lr: float = 3e-3  # SFT peak learning rate
     grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
-    eval_problems: int = 200  # held-out problems, none of whose questions occur in SFT or GRPO
+    eval_problems: int = 800  # held-out problems, none of whose questions occur in SFT or GRPO (at most 1/3 of all)
     record: Optional[str] = "benchmarks/grpo"  # results.json, table.md and curves.png are copied here
 
 
@@ -604,13 +605,20 @@ def demo_problems(dcfg: DemoConfig) -> dict:
                                 max_operand=dcfg.max_operand, ops=dcfg.ops)
     questions = sorted({p["question"] for p in pool})
     random.Random(0).shuffle(questions)
-    n_held = min(len(questions) // 4, dcfg.eval_problems)
+    n_held = min(len(questions) // 3, dcfg.eval_problems)
     held_q = set(questions[:n_held])
     held = sorted((p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q),
                   key=lambda p: questions.index(p["question"]))[:dcfg.eval_problems]
     train_pool = [p for p in pool if p["question"] not in held_q]
     return {"sft": train_pool[:dcfg.sft_problems], "grpo": train_pool[dcfg.sft_problems:][:dcfg.grpo_problems],
             "held": held}
+
+
+def split_overlap(splits: dict) -> dict:
+    """Distinct questions per split and how many held-out questions occur in SFT or GRPO (must be 0)."""
+    q = {k: {p["question"] for p in v} for k, v in splits.items()}
+    return {"distinct_questions": {k: len(v) for k, v in q.items()},
+            "held_in_sft": len(q["held"] & q["sft"]), "held_in_grpo": len(q["held"] & q["grpo"])}
 
 
 def _plot(stats: list[dict], evals: list[dict], path: str):
@@ -721,7 +729,7 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
            "wall_s": time.time() - t0, "process_cpu_s": time.process_time() - c0,
            "note": "wall time on a shared machine (other jobs running): process CPU time beside it; a resumed run "
                    "counts only its own part",
-           "child": child, "splits": {k: len(v) for k, v in splits.items()},
+           "child": child, "splits": {k: len(v) for k, v in splits.items()}, "split_overlap": split_overlap(splits),
            "config": {"grpo": dataclasses.asdict(gcfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
            "held_out_before": res["start"], "held_out_after": res["end"], "evals": evals,
            "rollouts": stats, "reward_errors": res["reward_errors"]}

@@ -68,6 +68,25 @@ def _clock(fn, device):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
+def cpu_peaks(threads: int) -> dict:
+    """This process's own ceilings on the CPU, measured now (so under the same load as the rollouts): the
+    streaming read bandwidth (sum of a 256 MiB fp32 tensor) and the fp32 matmul rate (1024^3 sgemm), both at
+    the benchmark's thread count; medians of 5, timed by process CPU time (a neighbour's share of the core
+    is not counted, as in the CPU-time ratios). The floor of a decode step is max(bytes / bandwidth,
+    flops / matmul rate)."""
+    x = torch.ones(64 * 2 ** 20)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    bw, fl = [], []
+    for _ in range(5):
+        t0 = time.process_time()
+        x.sum()
+        bw.append(x.numel() * 4 / (time.process_time() - t0))
+        t0 = time.process_time()
+        a @ b
+        fl.append(2 * 1024 ** 3 / (time.process_time() - t0))
+    return {"read_bytes_per_s": statistics.median(bw), "matmul_flops_per_s": statistics.median(fl), "threads": threads}
+
+
 def bench_rollout(device="cpu", rounds=5) -> dict:
     dev = torch.device(device)
     preset, dtype, batch, prompt, new, temp = SHAPES[dev.type]
@@ -116,8 +135,13 @@ def bench_rollout(device="cpu", rounds=5) -> dict:
                   "cpu_s": times[k]["cpu"], "new_tok_per_cpu_s": batch * new / cpu,
                   "mbu": GEN.mbu(floor, step, dev)}
     res["floor_bytes_per_step"] = floor
+    res["flops_per_step"] = flops = GEN.decode_flops_per_step(W, batch, prompt + new // 2)
     bw = GEN.peak_bandwidth(dev)
     res["floor_ms_per_step"] = None if bw is None else 1000 * floor / bw
+    if dev.type == "cpu":  # no datasheet peak: this process's measured read bandwidth and matmul rate
+        res["cpu_peaks"] = pk = cpu_peaks(torch.get_num_threads())
+        res["floor_ms_per_step"] = 1000 * max(floor / pk["read_bytes_per_s"], flops / pk["matmul_flops_per_s"])
+        res["floor_bound"] = "bandwidth" if floor / pk["read_bytes_per_s"] > flops / pk["matmul_flops_per_s"] else "flops"
     if "hf" in impls:
         res["ratio_new_tok_s"] = res["ours"]["new_tok_s"] / res["hf"]["new_tok_s"]
         res["ratio_cpu_time"] = statistics.median(times["hf"]["cpu"]) / statistics.median(times["ours"]["cpu"])
@@ -125,6 +149,8 @@ def bench_rollout(device="cpu", rounds=5) -> dict:
             res["same_tokens_frac"] = float((outs["hf"][:, prompt:].cpu() == outs["ours"].tokens.cpu()).float().mean())
     if res["floor_ms_per_step"]:
         res["ratio_to_floor"] = res["ours"]["ms_per_step"] / res["floor_ms_per_step"]
+        if dev.type == "cpu":  # CPU time per step (prefill included) over the floor, as the peaks were timed
+            res["ratio_to_floor_cpu_time"] = 1000 * statistics.median(times["ours"]["cpu"]) / new / res["floor_ms_per_step"]
     return res
 
 
@@ -140,6 +166,9 @@ def main(argv=None):
     import bench  # the one environment() (date, device, torch, commit, command)
     res = {"env": bench.environment(a.device), "rollout": bench_rollout(a.device, a.rounds)}
     r = res["rollout"]
+    if r.get("floor_ms_per_step"):
+        print(f"floor {r['floor_ms_per_step']:.2f} ms/step ({r.get('floor_bound', 'bandwidth')}); ours "
+              f"{r['ratio_to_floor']:.2f}x the floor (wall), {r.get('ratio_to_floor_cpu_time', float('nan')):.2f}x (CPU time)")
     print(f"{'impl':<6} {'new tok/s':>10} {'ms/step':>8} {'new tok per CPU s':>18} {'MBU':>6}")
     for k in ("ours", "hf"):
         if k in r:

@@ -502,3 +502,12 @@ def test_real_children_follow_the_paper_ratios():
                        vocab_size=49152, rope_theta=1e5, max_seq_len=8192, tied_embeddings=True, family="llama")
     shapes = [(a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings) for a in (C.miniature(smol, s, 128) for s in C.REAL_SIZES)]
     assert shapes == [(30, 576, 768, True), (26, 464, 672, True), (20, 344, 432, True)]
+
+
+def test_in_sorted_equals_isin_on_random_values():
+    rng = np.random.default_rng(0)
+    for n_table in (0, 1, 7, 1000):
+        table = np.unique(rng.integers(0, 2**63, n_table, dtype=np.uint64))
+        values = np.concatenate([rng.choice(table, 50) if len(table) else table, rng.integers(0, 2**63, 50, dtype=np.uint64),
+                                 np.array([0, 2**64 - 1], dtype=np.uint64)])
+        assert np.array_equal(C.in_sorted(values, table), np.isin(values, table))

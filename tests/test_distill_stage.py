@@ -399,3 +399,45 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path, fail_rank):
     assert text.count(f"injected failure on rank {fail_rank}") == 1, text[-3000:]
     assert f"[rank {fail_rank}/2] error: injected failure on rank {fail_rank}" in outs[fail_rank][1]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_teacher_cache_reuses_repeated_batches_and_changes_nothing(trained_teacher, tmp_path):
+    """The cascade distils every size on the same batches: with distill.TeacherCache the second student's
+    stage runs no teacher forward at all, and every student ends bit-identical to one trained without it.
+    A teacher whose args change (the long stage's RoPE switch) is not served the old hidden states."""
+    def student_after(tag):
+        s = make(STUDENT, 3)
+        DI.distill(s, trained_teacher, CycleLoader(V, 4, 32, seed=3), tcfg(tmp_path / tag), DI.DistillConfig(),
+                   device="cpu")
+        return s.state_dict()
+
+    forwards = []
+    real_forward = trained_teacher.forward
+    trained_teacher.forward = lambda *a, **k: forwards.append(1) or real_forward(*a, **k)
+    try:
+        plain = student_after("plain")
+        assert len(forwards) == 4
+        cache = DI.attach_teacher_cache(trained_teacher, 16)
+        first, n_first = student_after("first"), len(forwards)
+        second = student_after("second")
+        assert (n_first - 4, len(forwards) - n_first) == (4, 0)  # the repeat ran no teacher forward
+        assert (cache.misses, cache.hits) == (4, 4)
+        for state in (first, second):
+            for k in plain:
+                assert torch.equal(state[k], plain[k]), k
+        x = CycleLoader(V, 4, 32, seed=3).batch(0)[0]
+        old = DI.teacher_hidden(trained_teacher, x)
+        args = trained_teacher.args
+        trained_teacher.args = dataclasses.replace(args, rope_theta=args.rope_theta * 7)
+        trained_teacher.reset_buffers()
+        new = DI.teacher_hidden(trained_teacher, x)
+        with torch.no_grad():
+            assert torch.equal(new, trained_teacher(x, return_hidden=True)) and not torch.equal(new, old)
+        small = DI.attach_teacher_cache(trained_teacher, 0)
+        assert small is None and trained_teacher.hidden_cache is None
+    finally:
+        del trained_teacher.forward
+        if "args" in locals():
+            trained_teacher.args = args
+            trained_teacher.reset_buffers()
+        DI.attach_teacher_cache(trained_teacher, 0)

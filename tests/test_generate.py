@@ -1,6 +1,7 @@
 """generate.py: the rollout engine against the no-cache reference (greedy tokens exactly, log-probs to
-tolerance), prefill sharing, compaction of finished rows, log-probs at the sampling temperature, the
-prepacked CPU matmuls, the CUDA graph (gpu), FSDP2-sharded weights (slow), bad input."""
+tolerance), the eager decode step against the general forward (fp32, bf16, prepacked wide projections),
+prefill sharing, compaction of finished rows, log-probs at the sampling temperature, the prepacked CPU
+matmuls, the CUDA graph (gpu), FSDP2-sharded weights (slow), bad input."""
 
 import dataclasses
 import os
@@ -48,6 +49,48 @@ def test_greedy_equals_reference(prepack, kw):
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)
     assert ours.truncated.all() and (ours.lengths == 10).all()
     assert ours.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _decode_via_forward(self, tok_B, pos_B, bias_BKS, slot):
+    """The decode step through the general forward (T = 1, SDPA, the same cache): what decode() replaces."""
+    return self.forward(tok_B[:, None], pos_B[:, None], bias_BKS[:, 0, None, :slot + 1], slot, slot + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_general_forward(monkeypatch, dtype):
+    """decode() (bmm attention, addmm residuals, 3-op RMSNorm) against forward() at T = 1 on the same cache, at
+    every step of a rollout with ragged prompts, G = 2 and the query temperature; fp32 and bf16 (decode's
+    non-fp32 branch). Step by step, because in bf16 a rounding difference may flip a near-tied greedy token."""
+    m = tiny_model(seed=5, qtemp_beta=0.1, qtemp_original_max_pos=4)
+    decode, steps = GEN._Engine.decode, []
+
+    def both(self, tok_B, pos_B, bias_BKS, slot):
+        k0, v0 = self.k.clone(), self.v.clone()
+        want = _decode_via_forward(self, tok_B, pos_B, bias_BKS, slot)
+        k1, v1 = self.k.clone(), self.v.clone()
+        self.k.copy_(k0), self.v.copy_(v0)
+        got = decode(self, tok_B, pos_B, bias_BKS, slot)
+        rel = lambda x, y: float((x.float() - y.float()).abs().max() / y.float().abs().max())
+        steps.append(max(rel(got, want), rel(self.k, k1), rel(self.v, v1)))  # logits, and keys/values in place
+        return got
+
+    monkeypatch.setattr(GEN._Engine, "decode", both)
+    cfg = GEN.RolloutConfig(max_new_tokens=9, group_size=2, temperature=0.0, eos_id=None)
+    GEN.rollout(GEN.RolloutWeights(m, dtype=dtype), PROMPTS, cfg)
+    assert len(steps) == 8
+    assert max(steps) < (1e-5 if dtype == torch.float32 else 5e-2), steps  # bf16: a few ulps of the largest
+
+
+def test_decode_with_prepacked_projections_equals_reference():
+    """A model wide enough (o and down projections with >= 1024 columns) that decode() uses oneDNN's prepacked
+    weights in the residual matmuls too."""
+    m = tiny_model(seed=6, dim=1024, hidden_dim=1536, n_heads=16, n_kv_heads=8, head_dim=64)
+    cfg = GEN.RolloutConfig(max_new_tokens=3, temperature=0.0, eos_id=None)
+    W = GEN.RolloutWeights(m)
+    ours = GEN.rollout(W, PROMPTS[:2], cfg)
+    ref = GEN.generate_reference(m, PROMPTS[:2], cfg)
+    assert torch.equal(ours.tokens, ref.tokens)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)
 
 
 def test_eos_and_compaction_equal_reference(monkeypatch):
