@@ -31,6 +31,11 @@ Two ways to run it:
     distilled on the Python corpus (plus `--data`), and are also scored on held-out arithmetic through
     the chat template and on three fixed prompts, so the table shows what pruning breaks and
     distillation mends.
+  * `python cascade.py --posttrain` (any of the above but the vision cascade): after the cascade (its
+    finished stages are reused), every base child goes through the paper's post-training (PAPER.md
+    section 8): SFT then online DPO (instruct) and SFT then GRPO then online DPO (reasoning), each step a
+    resumable stage, ending with one table of held-out math accuracy, format rate, loop rate and PWRM win
+    rate per size and stage (the "Post-training" section, near the end, lists its own choices a-e).
 
 Deviations from the paper, and why:
  1. Scale: the paper distils 1-3T tokens per child at 16K then 256K context. The embedded default
@@ -71,8 +76,9 @@ cpu-real` (after `python model.py fetch smollm2`), `python cascade.py --preset g
 sized for one GPU), `python cascade.py --ablation kl_vs_mix` (3 seeds). A rerun with changed settings
 refuses, naming them; `--restart-from STAGE` redoes that stage and every later one.
 `rm -rf runs/demo-record && python cascade.py --out runs/demo-record --results benchmarks/demo`
-regenerates the committed demo record (table, per-stage times, lr sweep, plot).
-Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py.
+regenerates the committed demo record (table, per-stage times, lr sweep, plot); `python cascade.py
+--posttrain --out runs/demo-post --results benchmarks/posttrain` adds the post-training chain to it.
+Depends on: model.py, data.py, prune.py, distill.py, train.py, vision.py; sft.py, grpo.py, odpo.py (--posttrain).
 """
 
 from __future__ import annotations
@@ -102,8 +108,11 @@ from matplotlib.figure import Figure  # the object-oriented API draws with Agg a
 
 import data as D
 import distill as DI
+import grpo as G
 import model as M
+import odpo as O
 import prune as P
+import sft as S
 import train as TR
 import vision as V
 
@@ -158,6 +167,14 @@ class CascadeConfig:
     math_level: str = "easy"  # data.math_problems level
     math_seed: int = 1000  # held out: the post-training helpers draw their problems from small seeds
     math_new_tokens: int = 12  # greedy tokens per answer ("7 + 5 = 12" is 8 tokens with digits split)
+    # Post-training (section 8): after the cascade (run first, or its finished stages reused), each base child
+    # goes through SFT -> online DPO (instruct) and SFT -> GRPO -> online DPO (reasoning); one table at the end.
+    posttrain: bool = False
+    post_sft_steps: Optional[int] = None  # optimizer steps of each SFT stage (32 chats each)
+    post_grpo_steps: Optional[int] = None  # GRPO steps (8 prompts x G 8 samples each)
+    post_odpo_steps: Optional[int] = None  # online DPO steps per chain (8 prompts x 2 samples each)
+    post_pwrm_steps: Optional[int] = None  # SFT steps of the pairwise reward model (16 chats each)
+    post_eval_problems: Optional[int] = None  # held-out problems per row of the post-training table (at most 100)
 
 
 # The embedded experiment. The parent's ratios follow MS3.1; each child applies the real
@@ -249,6 +266,7 @@ def resolved(cfg: CascadeConfig, world: int = 1) -> CascadeConfig:
                                       and k != "micro_batch_size"})
     if cfg.math_problems is None:
         cfg = dataclasses.replace(cfg, math_problems=0)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in POST_STAGES[cfg.preset].items() if getattr(cfg, k) is None})
     if cfg.micro_batch_size is None:
         cfg = dataclasses.replace(cfg, micro_batch_size=derive_micro_batch(cfg.batch_size, world,
                                                                            preset["micro_batch_size"]))
@@ -296,6 +314,14 @@ def validate(cfg: CascadeConfig, world: int):
         if getattr(cfg, k) < 1:
             bad(k.replace("_", "-"), getattr(cfg, k), "must be at least 1" + (
                 ": with no held-out batch every row would read 100% kept" if k == "eval_batches" else ""))
+    for k in ("post_sft_steps", "post_grpo_steps", "post_odpo_steps", "post_pwrm_steps", "post_eval_problems"):
+        if getattr(cfg, k) < 1:
+            bad(k.replace("_", "-"), getattr(cfg, k), "must be at least 1")
+    if cfg.post_eval_problems > POST["held_out"]:
+        bad("post-eval-problems", cfg.post_eval_problems, f"is more than the {POST['held_out']} held-out problems")
+    if cfg.posttrain and (world > 1 or cfg.ablation or cfg.vision):
+        bad("posttrain", "", "runs in one process on the text cascade: drop torchrun (online DPO runs at world "
+            "size 1), --ablation and --vision")
     if cfg.math_problems < 0:
         bad("math-problems", cfg.math_problems, "must be at least 0 (0 = no task evaluation)")
     if cfg.math_new_tokens < 1:
@@ -402,11 +428,19 @@ FIRST_STAGE_CHANGED = {
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
     "long_steps": "long",
     "baseline_lrs": "baseline",
+    # post-training (--posttrain): the first stage of that kind, in stage_order
+    "post_sft_steps": "instruct_sft", "post_pwrm_steps": "pwrm", "post_odpo_steps": "instruct_odpo",
+    "post_grpo_steps": "grpo",
 }
+POST_KEYS = ("post_sft_steps", "post_pwrm_steps", "post_odpo_steps", "post_grpo_steps")
 
 
 def stage_order(sizes: list) -> list:
-    return ["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short", "long")] + ["baseline"]
+    """Pretraining, then post-training (--posttrain): every SFT (the largest size teaches), the PWRM (from the
+    smallest instruct SFT), then each size's ODPO and GRPO stages. A restart removes a stage and all after it."""
+    return (["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short", "long")] + ["baseline"]
+            + [f"{n}/{s}" for n, _ in sizes for s in ("instruct_sft", "reasoning_sft")] + ["post/pwrm"]
+            + [f"{n}/{s}" for n, _ in sizes for s in ("instruct_odpo", "grpo", "reasoning_odpo")])
 
 
 def first_changed_stage(diff: list, ours: dict, theirs: dict, order: list) -> str:
@@ -416,13 +450,15 @@ def first_changed_stage(diff: list, ours: dict, theirs: dict, order: list) -> st
         if where == "parent":
             i = 0
         elif where == "baseline":
-            i = len(order) - 1
+            i = order.index("baseline")
+        elif where in POST_KINDS:
+            i = next(j for j, s in enumerate(order) if s.endswith("/" + where))
         else:
             size = 0  # the first child whose shape (or whose parent's shape) differs
             if k == "sizes":
                 a, b = ours.get("sizes") or [], theirs.get("sizes") or []
                 size = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            i = order.index(f"{ours['sizes'][size][0]}/{where}") if size < len(ours["sizes"]) else len(order) - 1
+            i = order.index(f"{ours['sizes'][size][0]}/{where}") if size < len(ours["sizes"]) else order.index("baseline")
         first = min(first, i)
     return order[first]
 
@@ -437,7 +473,9 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True)
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f).get("fingerprint", {})
-        diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        # a run made before --posttrain existed has no post-training settings: nothing of it depends on them
+        diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
+                and not (k in POST_KEYS and k not in theirs)]
         if diff:
             first = first_changed_stage(diff, ours, theirs, order)
             shown = ", ".join(k if isinstance(ours.get(k), (dict, list)) else f"{k} {theirs.get(k)} -> {ours.get(k)}"
@@ -974,7 +1012,12 @@ def run_cascade(cfg: CascadeConfig) -> dict:
             log(ctx, f"teacher cache: {cache.hits} forwards reused, {cache.misses} run, {cache.bytes / 2**20:.0f} MiB")
         log(ctx, f"cascade finished in {run['seconds']:.0f}s ({run['cpu_seconds']:.0f} CPU-s); results in "
                  f"{results_dir(cfg)}")
-        return {"rows": rows, "baseline": baseline, "heldout": ctx.heldout, "run": run}
+        post = None
+        if cfg.posttrain:  # section 8 on every base child (the section before the vision cascade)
+            del teacher
+            bases = {name: os.path.join(stages.dir(f"{name}/long"), "model") for name, _ in plan.sizes}
+            post = run_posttrain(cfg, ctx, plan, stages, bases, run_info)
+        return {"rows": rows, "baseline": baseline, "heldout": ctx.heldout, "run": run, "post": post}
     finally:
         TR.teardown_distributed()
 
@@ -1293,6 +1336,358 @@ def plot_curves(cfg: CascadeConfig, plan: Plan, baseline: Optional[dict], path: 
 
 
 # -----------------------------------------------------------------------------
+# Post-training: `python cascade.py --posttrain` (PAPER.md section 8)
+#
+# Each base child (<size>/long) goes through both of the paper's chains, every step a resumable stage:
+#     instruct:   <size>/instruct_sft  -> <size>/instruct_odpo
+#     reasoning:  <size>/reasoning_sft -> <size>/grpo -> <size>/reasoning_odpo
+# plus one pairwise reward model, post/pwrm, shared by every ODPO stage and every win rate. The stages
+# call sft.run_sft, grpo.run_grpo and odpo.run_odpo with their demos' recipes (grpo.py's SFT learning rate,
+# the GRPO and ODPO schedules, the PWRM's honest labelling rules and calibration), shorter, and with GRPO
+# and ODPO at lr 3e-4 (their demos: 2e-4 and 1e-4) so that a few steps can move the policy.
+# Choices, ours where the paper is silent or the demo is smaller:
+#  a. Data: data.easy_math_problems ("What is a op b?", operands up to 14, + and -: 450 distinct questions)
+#     split by QUESTION into a held-out set and a training pool; the overlap is counted and reported (0).
+#     Instruct answers "The answer is N." (odpo.py's format); reasoning answers [THINK] the worked step
+#     [/THINK] N (sft.math_trace). A tokenizer without [THINK] (ChatML: SmolLM2) writes the step before
+#     "Answer: N" (sft.demo_items' fallback), and GRPO's format gate is off.
+#  b. SFT is logit distillation (forward KL on the assistant's tokens) from the LARGEST size's SFT of the
+#     same chain, the strongest post-trained model here (the paper distils from a stronger model); the
+#     largest size itself has no stronger post-trained teacher and is SFT-ed by cross-entropy.
+#  c. The PWRM starts from the smallest instruct SFT (CPU cost; odpo.py's demo starts it from its SFT
+#     policy), is trained by sft.py on pairs labelled by odpo.py's rules and calibrated on held-out pairs.
+#  d. Every row is measured on the same held-out problems: greedy exact-answer accuracy (data.check_math_answer:
+#     the number after [/THINK]), the format rate (reasoning: grpo.final_part's gate, [THINK] trace
+#     [/THINK] answer, ended by EOS; instruct and base: an ended, non-empty answer with no [THINK]), the
+#     loop rate (odpo.is_looping, greedy and sampled at T = 0.7), and the PWRM win rate of the row's
+#     samples against its STARTING model's samples (same prompts and seeds): SFT vs base, ODPO vs its SFT,
+#     GRPO vs reasoning SFT, reasoning ODPO vs GRPO.
+#  e. One process: odpo.run_odpo runs at world size 1 (odpo.py reading guide, item 7).
+
+POST_KINDS = ("instruct_sft", "reasoning_sft", "pwrm", "instruct_odpo", "grpo", "reasoning_odpo")
+POST_STAGES = {  # optimizer steps per post-training stage, held-out problems per row
+    "smoke": dict(post_sft_steps=3, post_grpo_steps=2, post_odpo_steps=2, post_pwrm_steps=2, post_eval_problems=8),
+    "cpu": dict(post_sft_steps=150, post_grpo_steps=20, post_odpo_steps=15, post_pwrm_steps=80, post_eval_problems=64),
+    "gpu": dict(post_sft_steps=300, post_grpo_steps=120, post_odpo_steps=60, post_pwrm_steps=300, post_eval_problems=100),
+    "cpu-real": dict(post_sft_steps=8, post_grpo_steps=3, post_odpo_steps=3, post_pwrm_steps=8, post_eval_problems=16),
+}
+for _p in ("cpu_deep", "paper", "gpu-real"):
+    POST_STAGES[_p] = POST_STAGES["cpu" if _p == "cpu_deep" else "gpu"]
+POST = dict(max_operand=14, ops="+-", held_out=100, pool=2500, new_tokens=24, sft_batch=32, sft_lr=3e-3,
+            grpo_group=8, grpo_prompts=8, grpo_lr=3e-4, odpo_batch=16, odpo_lr=3e-4, pwrm_batch=16, pwrm_lr=1e-3,
+            pwrm_problems=96, calib_problems=32, eval_seed=1234)
+
+
+@dataclass
+class PostData:
+    tok: D.Tokenizer
+    think: bool  # the tokenizer has [THINK]/[/THINK] (Tekken v13); else the trace goes in the content
+    train: list  # [{question, answer}] training pool (SFT, GRPO and ODPO prompts, PWRM pairs)
+    held: list  # held-out problems, no question of which is in train
+    overlap: int  # held-out questions also in the training pool (0 by construction; counted)
+    prompt_tokens: int  # the longest chat prompt (odpo.py's max_prompt_tokens)
+
+    def chat(self, p: dict, reasoning: bool) -> list:
+        if not reasoning:
+            return [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": f"The answer is {p['answer']}."}]
+        trace = S.math_trace(p["question"], p["answer"])
+        reply = ({"role": "assistant", "content": p["answer"], "thinking": trace} if self.think
+                 else {"role": "assistant", "content": f"{trace} Answer: {p['answer']}"})
+        return [{"role": "user", "content": p["question"]}, reply]
+
+
+def post_data(cfg: CascadeConfig, ctx: Context) -> PostData:
+    """The problems split by question (choice a), and a tokenizer that knows [THINK] where the run's is a
+    legacy Tekken file (sft.tekken_with_think: same ids, the two control tokens named)."""
+    tok = ctx.tok
+    if tok.path.endswith(".json") and "[THINK]" not in tok.specials:
+        tok = D.Tokenizer.from_file(S.tekken_with_think(tok.path, os.path.join(cfg.out, "post", "tekken.json"),
+                                                        tok.vocab_size), vocab_size=tok.vocab_size)
+    pool = D.easy_math_problems(POST["pool"], seed=cfg.seed, max_operand=POST["max_operand"], ops=POST["ops"])
+    questions = sorted({p["question"] for p in pool})
+    np.random.default_rng(cfg.seed).shuffle(questions)
+    held_q = set(questions[:POST["held_out"]])
+    held = sorted({p["question"]: p for p in pool if p["question"] in held_q}.values(), key=lambda p: p["question"])
+    train = [p for p in pool if p["question"] not in held_q]
+    overlap = len(held_q & {p["question"] for p in train})
+    longest = max(len(tok.encode_chat([{"role": "user", "content": q}])[0]) for q in questions)
+    return PostData(tok, "[THINK]" in tok.specials, train, held, overlap, longest)
+
+
+def post_train_config(cfg, stages, name, steps, batch, lr, seq_len=0, **kw) -> TR.TrainConfig:
+    kw = {"warmup_steps": max(1, steps // 10), **kw}
+    return TR.TrainConfig(out_dir=stages.dir(name), steps=steps, batch_size=batch, micro_batch_size=batch,
+                          seq_len=seq_len, lr=lr, dtype=cfg.dtype, seed=cfg.seed, resume=True,
+                          ckpt_every=max(1, steps // 2), keep_checkpoints=1, log_every=max(1, steps // 5), **kw)
+
+
+def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path, reasoning: bool) -> str:
+    """SFT by KL to teacher_path's model (or CE without one, choice b) on the chain's chats."""
+    if stages.done(name) is None:
+        convs = [pd.chat(p, reasoning) for p in pd.train]
+        seq = max(len(pd.tok.encode_chat(c)[0]) for c in convs) - 1
+        ctx_len = M.read_checkpoint_args(init_path)[0].max_seq_len
+        if max(seq, pd.prompt_tokens + POST["new_tokens"]) > ctx_len:
+            raise ValueError(f"post-training needs {max(seq, pd.prompt_tokens + POST['new_tokens'])} tokens of context "
+                             f"but {init_path} has max_seq_len {ctx_len}: raise --long-seq-len")
+        log(ctx, f"== stage {name}: SFT {init_path} on {len(convs)} {'reasoning' if reasoning else 'instruct'} chats, "
+                 f"{'KL to ' + teacher_path if teacher_path else 'CE'}")
+        student = build(init_path, ctx, cfg)
+        teacher = build(teacher_path, ctx, cfg, train=False) if teacher_path else None
+        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], POST["sft_lr"], seq)
+        r = S.run_sft(student, convs, pd.tok, tcfg, S.SFTConfig(), teacher, device=ctx.device, name=name)
+        stages.finish(name, {"start": init_path, "teacher": teacher_path, "steps": cfg.post_sft_steps,
+                             "first_loss": r["history"][0]["loss"], "last_loss": r["history"][-1]["loss"]})
+    return os.path.join(stages.dir(name), "model")
+
+
+def odpo_config(pd: PostData) -> O.ODPOConfig:
+    return O.ODPOConfig(max_new_tokens=POST["new_tokens"], max_prompt_tokens=pd.prompt_tokens, eval_prompts=0)
+
+
+def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardModel:
+    """Choice c: odpo.py's PWRM recipe on the training pool; the calibrated temperature goes in done.json."""
+    name, ocfg = "post/pwrm", odpo_config(pd)
+    if stages.done(name) is None:
+        log(ctx, f"== stage {name}: pairwise reward model from {init_path}, {cfg.post_pwrm_steps} SFT steps")
+        policy = M.load_model(init_path, device=ctx.device).eval()
+        k = min(POST["pwrm_problems"], 8 * cfg.post_pwrm_steps)  # a short PWRM stage (tests) samples fewer pairs
+        fit, calib = pd.train[:k], pd.train[-min(POST["calib_problems"], k):]
+        pairs = O.preference_pairs(fit, O.sample_answers(policy, pd.tok, fit, 2, ocfg, seed=11), pd.tok,
+                                   ocfg.max_new_tokens, seed=11)
+        convs = O.pwrm_conversations(O.PairwiseRewardModel(policy, pd.tok, max_response_tokens=ocfg.max_new_tokens), pairs)
+        seq = max(len(pd.tok.encode_chat(c)[0]) for c in convs) - 1
+        if seq > policy.args.max_seq_len:
+            raise ValueError(f"the PWRM's chats need {seq} tokens of context but {init_path} has max_seq_len "
+                             f"{policy.args.max_seq_len}: raise --long-seq-len")
+        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], POST["pwrm_lr"], seq)
+        S.run_sft(build(init_path, ctx, cfg), convs, pd.tok, tcfg, S.SFTConfig(), device=ctx.device, name=name)
+        pwrm = O.PairwiseRewardModel(M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval(),
+                                     pd.tok, max_response_tokens=ocfg.max_new_tokens)
+        held_pairs = O.preference_pairs(calib, O.sample_answers(policy, pd.tok, calib, 2, ocfg, seed=12), pd.tok,
+                                        ocfg.max_new_tokens, seed=12)
+        calibration = pwrm.calibrate([(q["conversation"], q["a"], q["b"]) for q in held_pairs],
+                                     [q["label"] for q in held_pairs])
+        stages.finish(name, {"start": init_path, "pairs": len(pairs), "calibration": calibration})
+    model = M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval().requires_grad_(False)
+    return O.PairwiseRewardModel(model, pd.tok, temperature=stages.info(name)["calibration"]["temperature"],
+                                 max_response_tokens=ocfg.max_new_tokens)
+
+
+def stage_grpo(cfg, ctx, stages, pd: PostData, name, init_path) -> str:
+    """grpo.py's recipe (constant lr, no weight decay) on the training pool, G samples per prompt."""
+    if stages.done(name) is None:
+        log(ctx, f"== stage {name}: GRPO from {init_path} for {cfg.post_grpo_steps} steps")
+        gcfg = G.GRPOConfig(group_size=POST["grpo_group"], max_new_tokens=POST["new_tokens"], format_gate=pd.think,
+                            eval_every_steps=0)
+        batch = POST["grpo_group"] * POST["grpo_prompts"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, POST["grpo_lr"], warmup_steps=0,
+                                 min_lr_ratio=1.0, weight_decay=0.0)
+        r = G.run_grpo(build(init_path, ctx, cfg), pd.tok, pd.train, gcfg, tcfg, device=ctx.device, name=name)
+        first, last = r["rollouts"][0], r["rollouts"][-1]
+        stages.finish(name, {"start": init_path, "steps": cfg.post_grpo_steps, "first_mean_reward": first["mean_reward"],
+                             "last_mean_reward": last["mean_reward"]})
+    return os.path.join(stages.dir(name), "model")
+
+
+def stage_odpo(cfg, ctx, stages, pd: PostData, name, init_path, pwrm) -> str:
+    """odpo.py's recipe: two samples per prompt at T = 0.7, soft labels from the PWRM, the start as reference."""
+    if stages.done(name) is None:
+        log(ctx, f"== stage {name}: online DPO from {init_path} for {cfg.post_odpo_steps} steps")
+        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], POST["odpo_lr"],
+                                 weight_decay=0.0)
+        prompts = [[{"role": "user", "content": p["question"]}] for p in pd.train]
+        O.run_odpo(build(init_path, ctx, cfg), build(init_path, ctx, cfg, train=False), pwrm, pd.tok, prompts,
+                   odpo_config(pd), tcfg, device=ctx.device, name=name)
+        stages.finish(name, {"start": init_path, "steps": cfg.post_odpo_steps})
+    return os.path.join(stages.dir(name), "model")
+
+
+def post_eval(cfg, ctx, stages, pd: PostData, name, path, reasoning: bool, start: Optional[str], pwrm) -> dict:
+    """Choice d, cached in <stage>/post_eval.json under a key of what it depends on besides the checkpoint."""
+    cache, ocfg = os.path.join(stages.dir(name), "post_eval.json"), odpo_config(pd)
+    held = pd.held[:cfg.post_eval_problems]
+    key = {"held": [p["question"] for p in held], "new_tokens": ocfg.max_new_tokens, "reasoning": reasoning,
+           "start": start, "start_made": stages.info(start) if start else None,  # done.json: unique to one training
+           "measures": 2,  # the version of what is measured: a new measure recomputes the cached ones
+           "pwrm_made": stages.info("post/pwrm") if start else None}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return cached["result"]
+    model, tok = M.load_model(path, device=ctx.device).eval(), pd.tok
+    prompts = [tok.encode_chat([{"role": "user", "content": p["question"]}])[0] for p in held]
+    greedy = M.generate(model, prompts, ocfg.max_new_tokens, eos_id=tok.eos_id)
+    sampled = M.generate(model, prompts, ocfg.max_new_tokens, temperature=ocfg.sample_temperature,
+                         eos_id=tok.eos_id, seed=POST["eval_seed"])
+    ended = [bool(r) and r[-1] == tok.eos_id for r in greedy]
+    texts = [tok.decode(r[:-1] if e else r, special="keep") for r, e in zip(greedy, ended)]
+    answers = [G.final_part(t, not e, pd.think and reasoning) for t, e in zip(texts, ended)]
+    fmt = [a is not None and (reasoning or "[THINK]" not in t) for a, t in zip(answers, texts)]
+    loops = lambda rs: float(np.mean([O.is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens) for r in rs]))
+    result = {"n": len(held), "accuracy": float(np.mean([D.check_math_answer(t, p["answer"]) for t, p in zip(texts, held)])),
+              "format_rate": float(np.mean(fmt)), "loop_rate_greedy": loops(greedy), "loop_rate_sampled": loops(sampled),
+              "mean_new_tokens": float(np.mean([len(r) for r in greedy])), "sampled": sampled,
+              "examples": [{"question": p["question"], "answer": p["answer"], "output": t} for p, t in zip(held[:3], texts)]}
+    if start is not None:  # the starting model's samples: same prompts, same seed
+        start_samples = json.load(open(os.path.join(stages.dir(start), "post_eval.json")))["result"]["sampled"]
+        convs = [[{"role": "user", "content": p["question"]}] for p in held]
+        p, keep = O.judge_pairs(pwrm, tok, ocfg, convs, sampled, start_samples)
+        kept = [q for q, k in zip(p, keep) if k]
+        result |= {"win_rate": float(np.mean(kept)) if kept else None, "win_pairs": len(kept),
+                   # a sample equal to the start's, token for token, is a tie (p = 0.5 by the both-order average)
+                   "same_as_start": float(np.mean([list(a) == list(b) for a, b in zip(sampled, start_samples)]))}
+    TR.write_json_atomic(cache, {"key": key, "result": result})
+    return result
+
+
+def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, bases: dict, run_info) -> list:
+    """Both chains for every base child (bases: size -> checkpoint), then the table (write_post_results)."""
+    pd = post_data(cfg, ctx)
+    sizes = [n for n, _ in plan.sizes]  # cascade order: the largest first (it teaches the others, choice b)
+    sft = {}
+    for n in sizes:
+        for kind, reasoning in (("instruct_sft", False), ("reasoning_sft", True)):
+            teacher = None if n == sizes[0] else sft[sizes[0], kind]
+            sft[n, kind] = stage_post_sft(cfg, ctx, stages, pd, f"{n}/{kind}", bases[n], teacher, reasoning)
+    pwrm = stage_pwrm(cfg, ctx, stages, pd, sft[sizes[-1], "instruct_sft"])
+    rows = []
+    for n in sizes:
+        grpo = stage_grpo(cfg, ctx, stages, pd, f"{n}/grpo", sft[n, "reasoning_sft"])
+        chain = [("base", f"{n}/long", bases[n], True, None),
+                 ("SFT", f"{n}/instruct_sft", sft[n, "instruct_sft"], False, f"{n}/long"),
+                 ("instruct ODPO", f"{n}/instruct_odpo",
+                  stage_odpo(cfg, ctx, stages, pd, f"{n}/instruct_odpo", sft[n, "instruct_sft"], pwrm), False,
+                  f"{n}/instruct_sft"),
+                 ("reasoning SFT", f"{n}/reasoning_sft", sft[n, "reasoning_sft"], True, f"{n}/long"),
+                 ("GRPO", f"{n}/grpo", grpo, True, f"{n}/reasoning_sft"),
+                 ("reasoning ODPO", f"{n}/reasoning_odpo",
+                  stage_odpo(cfg, ctx, stages, pd, f"{n}/reasoning_odpo", grpo, pwrm), True, f"{n}/grpo")]
+        for label, stage, path, reasoning, start in chain:
+            ev = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
+            info = stages.info(stage)
+            rows.append({"size": n, "stage": label, "dir": stage, "start": start, "win_rate": None, "win_pairs": 0,
+                         "same_as_start": None, "training": post_training_log(stages, stage) if start else None,
+                         **{k: v for k, v in ev.items() if k != "sampled"},
+                         # base: the cascade's long stage made it (its time is in the retention table)
+                         "stage_seconds": info.get("seconds") if start else None,
+                         "stage_cpu_seconds": info.get("cpu_seconds") if start else None})
+    if ctx.rank == 0:
+        write_post_results(cfg, rows, pd, stages.info("post/pwrm"), run_info())
+    return rows
+
+
+def post_training_log(stages, stage) -> dict:
+    """What the stage's training did, for the record: done.json, and for ODPO the mean PWRM label p of its
+    rollout pairs and the mean implicit reward margin (odpo_steps.jsonl)."""
+    info = {k: v for k, v in stages.info(stage).items() if k not in ("seconds", "cpu_seconds")}
+    path = os.path.join(stages.dir(stage), "odpo_steps.jsonl")
+    if os.path.exists(path):
+        steps = [json.loads(line) for line in open(path) if line.strip()]
+        info |= {k: float(np.mean([s[k] for s in steps])) for k in ("mean_p", "reward_margin", "loop_rate")}
+    path = os.path.join(stages.dir(stage), "rollouts.jsonl")
+    if os.path.exists(path):  # GRPO: one batch is noisy, so the mean of the first and of the last quarter of the steps
+        by_step = {s["step"]: s["mean_reward"] for s in (json.loads(line) for line in open(path) if line.strip())}
+        r = [by_step[k] for k in sorted(by_step)]
+        q = max(1, len(r) // 4)
+        info |= {"reward_first_quarter": float(np.mean(r[:q])), "reward_last_quarter": float(np.mean(r[-q:]))}
+    return info
+
+
+POST_ROWS = ("base", "SFT", "instruct ODPO", "reasoning SFT", "GRPO", "reasoning ODPO")
+
+
+def post_table(rows: list) -> str:
+    lines = ["| size | stage | started from | accuracy | format | loops greedy / T=0.7 | PWRM win rate vs start "
+             "(samples equal to the start's) | mean new tokens | stage CPU (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        win = "-" if r.get("win_rate") is None else f"{r['win_rate']:.2f} ({100 * r['same_as_start']:.0f}%)"
+        lines.append(f"| {r['size']} | {r['stage']} | {r['start'] or '-'} | {100 * r['accuracy']:.1f}% | "
+                     f"{100 * r['format_rate']:.0f}% | {100 * r['loop_rate_greedy']:.0f}% / {100 * r['loop_rate_sampled']:.0f}% | "
+                     f"{win} | {r['mean_new_tokens']:.1f} | {fmt_seconds(r['stage_cpu_seconds'])} |")
+    return "\n".join(lines)
+
+
+def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: dict, run: dict):
+    """posttrain.md / posttrain.json / posttrain.png beside the cascade's table (results_dir)."""
+    out = results_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    record = run_record(cfg, run)
+    cal = pwrm_info["calibration"]
+    n_train_q = len({p["question"] for p in pd.train})
+    notes = [
+        f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, operands 0..{POST['max_operand']}, "
+        f"ops {POST['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
+        f"pool ({len(pd.train)} problems; overlap {pd.overlap}). Greedy answers of at most {POST['new_tokens']} tokens.",
+        "accuracy: exact answer (data.check_math_answer, the number after [/THINK]). format: reasoning stages and "
+        "base, [THINK] trace [/THINK] answer ended by EOS (grpo.final_part's gate" +
+        ("" if pd.think else "; this tokenizer has no [THINK], so: an ended, non-empty answer") +
+        "); instruct stages, an ended, non-empty answer without [THINK]. loops: odpo.is_looping, greedy and sampled "
+        "at T = 0.7.",
+        "PWRM win rate: the mean P(row's sample beats the STARTING model's sample) over the held-out prompts (same "
+        "seeds; loops judged first, pairs where both loop dropped), by one PWRM (post/pwrm, from the smallest "
+        f"instruct SFT, {pwrm_info['pairs']} labelled pairs, calibrated temperature {cal['temperature']:.3g}, "
+        f"held-out pair accuracy {100 * cal['accuracy']:.0f}%, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}). "
+        "Starting models: SFT and reasoning SFT from base, ODPO from its SFT, GRPO from reasoning SFT, reasoning "
+        "ODPO from GRPO. 0.5 = no preference; in brackets, the share of samples equal to the starting model's, "
+        "token for token (each a tie at exactly 0.5).",
+        f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
+        f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {POST['grpo_prompts']} prompts x "
+        f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples.",
+        "Training signal: GRPO mean rollout reward (T = 1), first quarter of the steps -> last quarter: " + "; ".join(
+            f"{r['size']} {r['training']['reward_first_quarter']:.3f} -> {r['training']['reward_last_quarter']:.3f}"
+            for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
+        "preference, no gradient signal): " + "; ".join(
+            f"{r['size']} {r['stage']} {r['training'].get('mean_p', float('nan')):.3f}" for r in rows if "ODPO" in r["stage"]) + ".",
+        f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch threads), "
+        f"torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s "
+        f"CPU for the whole command (the cascade's stages included when they ran); post-training stages "
+        f"{sum(r['stage_cpu_seconds'] or 0 for r in rows if r['stage'] != 'base'):.0f} CPU-s. "
+        f"Command: `{record['command']}`."]
+    table = post_table(rows)
+    text = "# Post-training chain\n\n" + table + "\n\n" + "\n\n".join(notes) + "\n"
+    tmp = os.path.join(out, f"posttrain.md.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, "posttrain.md"))
+    TR.write_json_atomic(os.path.join(out, "posttrain.json"), {
+        "rows": rows, "split": {"train_problems": len(pd.train), "train_questions": n_train_q, "held_out": len(pd.held),
+                                "overlap": pd.overlap, "think_tokens": pd.think},
+        "pwrm": pwrm_info, "recipe": POST, "run": record, "config": dataclasses.asdict(cfg)})
+    plot_post(cfg, rows, os.path.join(out, "posttrain.png"))
+    print("\n" + table + "\n\n" + "\n\n".join(notes))
+
+
+def plot_post(cfg: CascadeConfig, rows: list, path: str):
+    """Left: held-out accuracy and format rate per stage, one line per size. Right: GRPO's mean rollout reward."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    acc_ax, rl_ax = fig.subplots(1, 2)
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    for i, n in enumerate(sizes):
+        mine = [r for r in rows if r["size"] == n]
+        acc_ax.plot(range(len(mine)), [r["accuracy"] for r in mine], "o-", color=f"C{i}", label=f"{n} accuracy")
+        acc_ax.plot(range(len(mine)), [r["format_rate"] for r in mine], "x:", color=f"C{i}", label=f"{n} format")
+        path_r = os.path.join(cfg.out, n, "grpo", "rollouts.jsonl")
+        if os.path.exists(path_r):
+            stats = {}
+            for line in open(path_r):
+                s = json.loads(line)
+                stats[s["step"]] = s["mean_reward"]  # a resumed stage replays steps: the last record wins
+            rl_ax.plot(sorted(stats), [stats[k] for k in sorted(stats)], color=f"C{i}", label=n)
+    acc_ax.set_xticks(range(len(POST_ROWS)), POST_ROWS, rotation=20, fontsize=8)
+    acc_ax.set(title="held-out math (greedy)", ylabel="rate", ylim=(-0.02, 1.02))
+    acc_ax.legend(fontsize=7)
+    rl_ax.set(title="GRPO: mean reward of the rollouts", xlabel="GRPO step", ylabel="reward")
+    rl_ax.legend(fontsize=8)
+    for ax in (acc_ax, rl_ax):
+        ax.grid(alpha=0.3)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
 # The embedded multimodal cascade (`python cascade.py --vision`, PAPER.md section 6)
 #
 # A tiny multimodal parent learns to caption synthetic pictures (one coloured shape in one quadrant,
@@ -1535,9 +1930,10 @@ def config_from_argv(argv=None) -> CascadeConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     TR.add_dataclass_args(parser, CascadeConfig)
     for action in parser._actions:
-        if action.dest in PRESET_STAGES["cpu"]:
-            values = ", ".join(f"{p} {v[action.dest]}" for p, v in PRESET_STAGES.items())
-            action.help = action.help.replace("(default None)", f"(default: the preset's: {values})")
+        for table in (PRESET_STAGES, POST_STAGES):
+            if action.dest in table["cpu"]:
+                values = ", ".join(f"{p} {v[action.dest]}" for p, v in table.items())
+                action.help = action.help.replace("(default None)", f"(default: the preset's: {values})")
     ns = parser.parse_args(argv)
     return CascadeConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(CascadeConfig)})
 
