@@ -267,7 +267,7 @@ def test_help_shows_the_presets_values(capsys):
     with pytest.raises(SystemExit):
         C.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "cpu 120, gpu 4000" in text and "default None)" not in text.split("--parent-steps")[1].split("--lr")[0]
+    assert "cpu 100, gpu 4000" in text and "default None)" not in text.split("--parent-steps")[1].split("--lr")[0]
 
 
 # -- bad input, each refused before any training -------------------------------------------------
