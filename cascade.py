@@ -155,7 +155,7 @@ class CascadeConfig:
     ce_weight: float = 0.0  # 0 = forward KL alone (paper); >0 mixes in next-token CE (ablation)
     temperature: float = 1.0  # distillation temperature T
     baseline: Optional[bool] = None  # train the smallest size from scratch on the same tokens; None = preset's
-    baseline_lrs: str = "3e-4,1e-3,3e-3"  # the baseline's lr sweep; the lowest CE on the VALIDATION split is the row
+    baseline_lrs: str = "1e-3,3e-3,1e-2"  # the baseline's lr sweep; the lowest CE on the VALIDATION split is the row
     restart_from: Optional[str] = None  # redo this stage (e.g. parent, 8b/short, baseline) and every later one
     results: Optional[str] = None  # where the table, plot and lr sweep go; None = <out>/results
     ablation: Optional[str] = None  # kl_vs_mix | layer_selection | teacher: 3 seeds, mean and spread
