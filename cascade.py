@@ -1376,6 +1376,14 @@ for _p in ("cpu_deep", "paper", "gpu-real"):
 POST = dict(max_operand=14, ops="+-", held_out=100, pool=2500, new_tokens=24, sft_batch=32, sft_lr=3e-3,
             grpo_group=8, grpo_prompts=8, grpo_lr=3e-4, odpo_batch=16, odpo_lr=3e-4, pwrm_batch=16, pwrm_lr=1e-3,
             pwrm_problems=96, calib_problems=32, eval_seed=1234)
+# A pretrained parent's children are fine-tuned, not trained from a few thousand steps: the rates above (chosen
+# on the demo's 1-3M-parameter children) would wreck a 36-95M-parameter SmolLM2 child, so the real presets use
+# fine-tuning rates.
+POST_REAL_LR = dict(sft_lr=5e-5, grpo_lr=1e-5, odpo_lr=1e-5, pwrm_lr=5e-5)
+
+
+def post_lr(cfg, key: str) -> float:
+    return POST_REAL_LR[key] if cfg.preset in REAL_SMALL else POST[key]
 
 
 @dataclass
@@ -1434,7 +1442,8 @@ def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path
                  f"{'KL to ' + teacher_path if teacher_path else 'CE'}")
         student = build(init_path, ctx, cfg)
         teacher = build(teacher_path, ctx, cfg, train=False) if teacher_path else None
-        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], POST["sft_lr"], seq)
+        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], post_lr(cfg, "sft_lr"),
+                                 seq)
         r = S.run_sft(student, convs, pd.tok, tcfg, S.SFTConfig(), teacher, device=ctx.device, name=name)
         stages.finish(name, {"start": init_path, "teacher": teacher_path, "steps": cfg.post_sft_steps,
                              "first_loss": r["history"][0]["loss"], "last_loss": r["history"][-1]["loss"]})
@@ -1460,7 +1469,8 @@ def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardMod
         if seq > policy.args.max_seq_len:
             raise ValueError(f"the PWRM's chats need {seq} tokens of context but {init_path} has max_seq_len "
                              f"{policy.args.max_seq_len}: raise --long-seq-len")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], POST["pwrm_lr"], seq)
+        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], post_lr(cfg, "pwrm_lr"),
+                                 seq)
         S.run_sft(build(init_path, ctx, cfg), convs, pd.tok, tcfg, S.SFTConfig(), device=ctx.device, name=name)
         pwrm = O.PairwiseRewardModel(M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval(),
                                      pd.tok, max_response_tokens=ocfg.max_new_tokens)
@@ -1481,7 +1491,7 @@ def stage_grpo(cfg, ctx, stages, pd: PostData, name, init_path) -> str:
         gcfg = G.GRPOConfig(group_size=POST["grpo_group"], max_new_tokens=POST["new_tokens"], format_gate=pd.think,
                             eval_every_steps=0)
         batch = POST["grpo_group"] * POST["grpo_prompts"]
-        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, POST["grpo_lr"], warmup_steps=0,
+        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, post_lr(cfg, "grpo_lr"), warmup_steps=0,
                                  min_lr_ratio=1.0, weight_decay=0.0)
         r = G.run_grpo(build(init_path, ctx, cfg), pd.tok, pd.train, gcfg, tcfg, device=ctx.device, name=name)
         first, last = r["rollouts"][0], r["rollouts"][-1]
@@ -1494,7 +1504,7 @@ def stage_odpo(cfg, ctx, stages, pd: PostData, name, init_path, pwrm) -> str:
     """odpo.py's recipe: two samples per prompt at T = 0.7, soft labels from the PWRM, the start as reference."""
     if stages.done(name) is None:
         log(ctx, f"== stage {name}: online DPO from {init_path} for {cfg.post_odpo_steps} steps")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], POST["odpo_lr"],
+        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], post_lr(cfg, "odpo_lr"),
                                  weight_decay=0.0)
         prompts = [[{"role": "user", "content": p["question"]}] for p in pd.train]
         O.run_odpo(build(init_path, ctx, cfg), build(init_path, ctx, cfg, train=False), pwrm, pd.tok, prompts,
@@ -1634,7 +1644,9 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         "token for token (each a tie at exactly 0.5).",
         f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
         f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {POST['grpo_prompts']} prompts x "
-        f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples.",
+        f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples; "
+        f"peak lr SFT {post_lr(cfg, 'sft_lr'):g}, GRPO {post_lr(cfg, 'grpo_lr'):g}, ODPO {post_lr(cfg, 'odpo_lr'):g}, "
+        f"PWRM {post_lr(cfg, 'pwrm_lr'):g}.",
         "Training signal: GRPO mean rollout reward (T = 1), first quarter of the steps -> last quarter: " + "; ".join(
             f"{r['size']} {r['training']['reward_first_quarter']:.3f} -> {r['training']['reward_last_quarter']:.3f}"
             for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
