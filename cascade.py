@@ -401,6 +401,8 @@ def make_plan(cfg: CascadeConfig) -> Plan:
     fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
     fp["parent_args"] = dataclasses.asdict(parent)
     fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
+    if not cfg.baseline or cfg.preset in REAL_SMALL:  # no baseline stage runs: its sweep changes nothing
+        fp["baseline_lrs"] = None
     if cfg.restart_from is not None and cfg.restart_from not in stage_order(sizes):
         raise ValueError(f"--restart-from {cfg.restart_from!r} is not a stage of this run: choose one of "
                          f"{', '.join(stage_order(sizes))}")
@@ -475,7 +477,8 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True)
             theirs = json.load(f).get("fingerprint", {})
         # a run made before --posttrain existed has no post-training settings: nothing of it depends on them
         diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
-                and not (k in POST_KEYS and k not in theirs)]
+                and not (k in POST_KEYS and k not in theirs)
+                and not (k == "baseline_lrs" and None in (ours.get(k), theirs.get(k)))]  # one side ran no baseline
         if diff:
             first = first_changed_stage(diff, ours, theirs, order)
             shown = ", ".join(k if isinstance(ours.get(k), (dict, list)) else f"{k} {theirs.get(k)} -> {ours.get(k)}"

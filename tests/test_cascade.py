@@ -511,3 +511,17 @@ def test_in_sorted_equals_isin_on_random_values():
         values = np.concatenate([rng.choice(table, 50) if len(table) else table, rng.integers(0, 2**63, 50, dtype=np.uint64),
                                  np.array([0, 2**64 - 1], dtype=np.uint64)])
         assert np.array_equal(C.in_sorted(values, table), np.isin(values, table))
+
+
+def test_the_baseline_sweep_matters_only_to_a_run_with_a_baseline(tmp_path):
+    out = str(tmp_path / "run")
+
+    def claim(*extra):
+        cfg = C.resolved(C.config_from_argv(SMOKE + ["--out", out, *extra]))
+        C.claim_out_dir(cfg, C.make_plan(cfg), 0)
+
+    claim("--no-baseline", "--baseline-lrs", "1e-3")
+    claim("--no-baseline", "--baseline-lrs", "1e-2")  # no baseline stage ran or runs: not a changed setting
+    claim("--baseline-lrs", "1e-2")  # the first run with a baseline stage
+    with pytest.raises(ValueError, match="baseline_lrs 1e-2 -> 1e-3"):
+        claim("--baseline-lrs", "1e-3")
