@@ -209,7 +209,8 @@ PRESET_STAGES = {
     # thread (benchmarks/smollm2/probes/lr.json): a distillation step of 8 x 128 tokens (student + teacher + the
     # 49K-vocabulary KL) costs 13.8 s for the 14b child, 11.0 s for 8b (~8.9 s for 3b by FLOPs), a long step of
     # 8 x 256 about twice that; held-out CE+KL ~7.5 s per 1K tokens; the 200 math problems ~190 s for the
-    # parent (less for each child). cpu-real, ~4,500 CPU-s in all, is ~40 minutes on 2 idle cores (1.9x) and
+    # parent (less for each child). cpu-real was estimated at ~4,500 CPU-s, ~40 minutes on 2 idle cores; with
+    # the teacher cache it took 3,394 CPU-s, 33 min 44 s (benchmarks/smollm2/NOTES.md), and it
     # distils ~65K short + ~33K long tokens per child. distill_lr 1e-4, not 3e-4: on a freshly pruned child
     # 3e-4 (first Adam step at full lr) raised held-out KL 7.13 -> 8.54 in 4 steps where 1e-4 lowered it to
     # 4.99 (probes/lr.json); on the head-re-tied 8b child (prune.py deviation 4) 1e-4 matches 3e-4 (6.10 ->
