@@ -138,6 +138,7 @@ FSDP_RUN = textwrap.dedent('''
                     ce_loss, cfg, device=device)
         if rank == 0:
             json.dump([[h["loss"], h["grad_norm"]] for h in r["history"]], open(out + "/losses.json", "w"))
+        T.barrier()  # every rank done before any closes its gloo pairs (else a peer can abort at exit)
         T.teardown_distributed()
 ''')
 exec(FSDP_RUN)
