@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import os
 import platform
 import subprocess
@@ -38,7 +37,7 @@ import train as TR  # the one MFU definition and peak table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "benchmarks"))
-from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402  (benchmarks/measure.py)
+from measure import emit, mem_mark, mem_peak, run_fresh, sync  # noqa: E402  (benchmarks/measure.py)
 
 
 # -----------------------------------------------------------------------------
@@ -197,11 +196,7 @@ def main(argv=None):
     result = {"env": environment(a.device)}
     for name in names:
         result[name] = SUITES[name](a.device)
-    line = json.dumps(result, default=float)
-    if a.record:
-        with open(os.path.join(HERE, "benchmarks", "records.jsonl"), "a") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(result, a.record)
 
 
 if __name__ == "__main__":

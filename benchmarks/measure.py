@@ -16,6 +16,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def emit(result: dict, record: bool, path: str = os.path.join(ROOT, "benchmarks", "records.jsonl")) -> None:
+    """Print a benchmark's result as one JSON line; with --record, also append that line to `path`
+    (benchmarks/records.jsonl unless a benchmark keeps its own file)."""
+    line = json.dumps(result, default=float)
+    if record:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    print(line)
+
+
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

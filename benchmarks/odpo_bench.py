@@ -20,7 +20,6 @@ Depends on: model.py, data.py, train.py, odpo.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -37,6 +36,7 @@ if ROOT not in sys.path:
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 import odpo as O  # noqa: E402
+from measure import emit  # noqa: E402  (benchmarks/measure.py, beside this file)
 from train import TrainConfig  # noqa: E402
 
 SHAPES = {"cpu": dict(preset="bench-cpu", prompts=8, new=64, dtype="fp32"),
@@ -127,12 +127,7 @@ def main(argv=None):
           f"| {r['rows']} | {r['shape']['new']} | {r['rollout_tok_s_median']:,.0f} | {r['rollout_s_median']:.2f} | "
           f"{r['step_s_median']:.2f} | {r['step_cpu_s_median']:.2f} | {r['rollout_tok_per_cpu_s']:,.0f} | {100 * r['rollout_share']:.0f}% | "
           f"{'n/a' if floor is None else f'{floor:,.0f}'} |")
-    print(json.dumps(res))
-    if a.record:
-        path = os.path.join(ROOT, "benchmarks", "odpo", "bench.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    emit(res, a.record, os.path.join(ROOT, "benchmarks", "odpo", "bench.jsonl"))
 
 
 if __name__ == "__main__":

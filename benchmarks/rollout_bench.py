@@ -20,7 +20,6 @@ Run: `python benchmarks/rollout_bench.py [--device cuda] [--rounds 5] [--threads
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import generate as GEN  # noqa: E402
 import model as M  # noqa: E402
-from measure import sync  # noqa: E402
+from measure import emit, sync  # noqa: E402
 
 SHAPES = {  # device type -> (preset, dtype, batch, prompt, new, temperature)
     "cpu": ("bench-cpu", torch.float32, 8, 32, 64, 0.0),
@@ -177,11 +176,7 @@ def main(argv=None):
     if "ratio_new_tok_s" in r:
         print(f"ours / HF: {r['ratio_new_tok_s']:.2f}x wall, {r['ratio_cpu_time']:.2f}x CPU time; identical tokens: "
               f"{r.get('same_tokens_frac')}; weight gather {r['ours_weight_gather']['wall_s']:.3f} s")
-    line = json.dumps(res, default=float)
-    if a.record:
-        with open(os.path.join(ROOT, "benchmarks", "records.jsonl"), "a") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(res, a.record)
 
 
 if __name__ == "__main__":

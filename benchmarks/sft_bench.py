@@ -19,7 +19,6 @@ Depends on: model.py, train.py, sft.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,7 @@ if ROOT not in sys.path:
 import model as M  # noqa: E402
 import sft as S  # noqa: E402
 import train as T  # noqa: E402
-from measure import mem_mark, mem_peak, run_fresh, timed_median  # noqa: E402
+from measure import emit, mem_mark, mem_peak, run_fresh, timed_median  # noqa: E402
 
 CPU_SHAPE = dict(preset="bench-cpu", batch=4, seq=256)
 GPU_SHAPE = dict(preset="3b", batch=1, seq=4096)
@@ -111,10 +110,7 @@ def main(argv=None):
            "commit": commit(), "command": "python benchmarks/sft_bench.py " + " ".join(argv or sys.argv[1:]),
            "note": "CPU box shared with other jobs: wall time inflated, see step_cpu_s" if not a.device.startswith("cuda") else "",
            "rows": rows}
-    print(json.dumps(rec))
-    if a.record:
-        with open(os.path.join(ROOT, "benchmarks", "records.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    emit(rec, a.record)
 
 
 if __name__ == "__main__":
