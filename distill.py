@@ -495,13 +495,19 @@ class TeacherCache:
         dev = inputs_BT.device.type
         key = (hashlib.sha1(inputs_BT.detach().cpu().numpy().tobytes()).hexdigest(), tuple(inputs_BT.shape),
                repr(teacher.args), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
-        if key in self.store:
+        hit = key in self.store
+        if isinstance(teacher, FSDPModule) and dist.is_initialized():
+            # a sharded teacher's forward is a collective: every rank runs it, or none does
+            flag = torch.tensor([int(hit)], device=inputs_BT.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            hit = bool(flag.item())
+        if hit:
             self.hits += 1
             return self.store[key]
         self.misses += 1
         h_BTD = teacher(inputs_BT, return_hidden=True)
         size = h_BTD.numel() * h_BTD.element_size()
-        if self.bytes + size <= self.max_bytes:
+        if key not in self.store and self.bytes + size <= self.max_bytes:
             self.store[key], self.bytes = h_BTD, self.bytes + size
         return h_BTD
 
