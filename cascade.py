@@ -1969,3 +1969,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    TR.exit_process(0)  # under torchrun: leave without interpreter finalization (see there)

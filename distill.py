@@ -430,7 +430,7 @@ def ce_reference(hidden, head, targets, mask=None, n_total=None):
 import dataclasses
 import hashlib
 import os
-import sys
+
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -439,8 +439,8 @@ from torch.distributed.tensor import DTensor
 
 from data import PackedLoader, load_tokens
 from model import Transformer, flops_per_token
-from train import (TrainConfig, TrainingDiverged, build_model, configs_from_args, run_main, setup_distributed,
-                   teardown_distributed, train)
+from train import (TrainConfig, TrainingDiverged, build_model, configs_from_args, exit_process, run_main,
+                   setup_distributed, teardown_distributed, train)
 
 
 @dataclass
@@ -717,4 +717,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: leave without interpreter finalization (see there)

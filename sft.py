@@ -93,8 +93,8 @@ import data as D
 import vision as V
 from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
 from model import Transformer, flops_per_token, generate, load_model, read_checkpoint_args
-from train import (TrainConfig, build_model, configs_from_args, setup_distributed, teardown_distributed, train,
-                   write_json_atomic)
+from train import (TrainConfig, build_model, configs_from_args, exit_process, setup_distributed,
+                   teardown_distributed, train, write_json_atomic)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -934,4 +934,4 @@ def write_demo_table(results: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: leave without interpreter finalization (see there)

@@ -52,7 +52,8 @@ Multi-GPU: `torchrun --nproc_per_node 8 distill.py ...`; multi-node: add `--nnod
 Failures: `run_main` wraps each rank's main. The rank that fails prints its error once and leaves at
 once (os._exit, no collective teardown), so its peers' next collective fails (gloo: the connection
 closes) or times out (`setup_distributed(timeout_s)`, NCCL's watchdog) and they leave too, with one
-line each: no rank waits at a barrier for a peer that is gone.
+line each: no rank waits at a barrier for a peer that is gone. A run that succeeds leaves through
+`exit_process` too (barrier, destroy, os._exit): interpreter finalization can abort a finished gloo run.
 Depends on: model.py.
 """
 
@@ -77,7 +78,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -194,6 +195,9 @@ def write_json_atomic(path: str, obj) -> None:
 # Distributed setup
 
 
+_RAN_PROCESS_GROUP = False  # set by setup_distributed under torchrun; read by exit_process
+
+
 def setup_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, torch.device]:
     """(rank, world_size, local_rank, device). Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) a process
     group is created: NCCL for CUDA tensors (plus gloo for CPU ones), gloo on a CPU-only machine.
@@ -205,6 +209,8 @@ def setup_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, torch.d
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return 0, 1, 0, device
+    global _RAN_PROCESS_GROUP
+    _RAN_PROCESS_GROUP = True
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
@@ -223,6 +229,28 @@ def setup_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, torch.d
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: Optional[int] = 0) -> NoReturn:
+    """The last line of a torchrun script: exit with `code`. A process that ran a process group meets its
+    peers at a barrier (if the group is still up), destroys the group, flushes its output and leaves through
+    os._exit, skipping interpreter finalization; any other process exits normally.
+
+    Why: gloo's worker threads release the tensors of the last collectives on their own schedule, after
+    the collective has completed. A tensor whose Python object died meanwhile is owned by its C++ side, and
+    freeing it takes the GIL; if Python is finalizing by then, CPython ends that thread inside a C++
+    destructor and the whole process aborts (SIGABRT, "terminate called without an active exception")
+    after a run that succeeded. A barrier before exit does not help; this was seen in 1 of 20-30
+    two-process runs on a loaded 2-core machine."""
+    code = 0 if code is None else int(code)
+    if not _RAN_PROCESS_GROUP:
+        sys.exit(code)
+    if dist.is_initialized():
+        barrier()
+        teardown_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _rank_world() -> tuple[int, int]:

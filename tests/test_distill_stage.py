@@ -304,8 +304,7 @@ DIST_WORKER = HELPERS + textwrap.dedent('''
                           "teacher_all_dtensor": all(isinstance(p, DTensor) for p in teacher.parameters()),
                           "teacher_bytes_held": held(teacher), "teacher_bytes_full": full}
     json.dump(results, open(os.path.join(out, f"result_rank{rank}.json"), "w"))
-    T.barrier()  # every rank done before any closes its gloo pairs (else a peer can abort at exit)
-    T.teardown_distributed()
+    T.exit_process(0)  # barrier, destroy, and leave without finalization (a gloo thread can abort it)
 ''')
 
 

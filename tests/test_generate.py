@@ -204,8 +204,7 @@ def test_fsdp2_sharded_weights_gather_once(tmp_path):
         b = GEN.rollout(GEN.RolloutWeights(plain), {PROMPTS!r}, rc)
         assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
         print(f"OK{{rank}}", flush=True)
-        T.barrier()  # every rank done before any closes its gloo pairs (else a peer can abort at exit)
-        T.teardown_distributed()
+        T.exit_process(0)  # barrier, destroy, and leave without finalization (a gloo thread can abort it)
     """))
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
