@@ -171,7 +171,7 @@ class CascadeConfig:
     # goes through SFT -> online DPO (instruct) and SFT -> GRPO -> online DPO (reasoning); one table at the end.
     posttrain: bool = False
     post_sft_steps: Optional[int] = None  # optimizer steps of each SFT stage (32 chats each)
-    post_grpo_steps: Optional[int] = None  # GRPO steps (8 prompts x G 8 samples each)
+    post_grpo_steps: Optional[int] = None  # GRPO steps (32 prompts x G 8 samples each; real presets: 8 prompts)
     post_odpo_steps: Optional[int] = None  # online DPO steps per chain (8 prompts x 2 samples each)
     post_pwrm_steps: Optional[int] = None  # SFT steps of the pairwise reward model (16 chats each)
     post_eval_problems: Optional[int] = None  # held-out problems per row of the post-training table (at most 100)
@@ -399,11 +399,12 @@ def make_plan(cfg: CascadeConfig) -> Plan:
             raise ValueError(f"size {name} has heads/vocab {(a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size)} but the "
                              f"parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: heads "
                              f"and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
-    fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
+    fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes", "post_recipe")}
     fp["parent_args"] = dataclasses.asdict(parent)
     fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
     if not cfg.baseline or cfg.preset in REAL_SMALL:  # no baseline stage runs: its sweep changes nothing
         fp["baseline_lrs"] = None
+    fp["post_recipe"] = post_recipe(cfg)  # task, batch sizes and rates of every post-training stage
     if cfg.restart_from is not None and cfg.restart_from not in stage_order(sizes):
         raise ValueError(f"--restart-from {cfg.restart_from!r} is not a stage of this run: choose one of "
                          f"{', '.join(stage_order(sizes))}")
@@ -433,9 +434,9 @@ FIRST_STAGE_CHANGED = {
     "baseline_lrs": "baseline",
     # post-training (--posttrain): the first stage of that kind, in stage_order
     "post_sft_steps": "instruct_sft", "post_pwrm_steps": "pwrm", "post_odpo_steps": "instruct_odpo",
-    "post_grpo_steps": "grpo",
+    "post_grpo_steps": "grpo", "post_recipe": "instruct_sft",
 }
-POST_KEYS = ("post_sft_steps", "post_pwrm_steps", "post_odpo_steps", "post_grpo_steps")
+POST_KEYS = ("post_sft_steps", "post_pwrm_steps", "post_odpo_steps", "post_grpo_steps", "post_recipe")
 
 
 def stage_order(sizes: list) -> list:
@@ -476,9 +477,11 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True)
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f).get("fingerprint", {})
-        # a run made before --posttrain existed has no post-training settings: nothing of it depends on them
+        # post-training settings matter only once a post-training stage exists (a run made before --posttrain
+        # existed has none of them; a cascade run without --posttrain has them but no stage that used them)
+        post_ran = any(os.path.exists(os.path.join(cfg.out, s)) for s in order if s.split("/")[-1] in POST_KINDS)
         diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
-                and not (k in POST_KEYS and k not in theirs)
+                and not (k in POST_KEYS and not post_ran)
                 and not (k == "baseline_lrs" and None in (ours.get(k), theirs.get(k)))]  # one side ran no baseline
         if diff:
             first = first_changed_stage(diff, ours, theirs, order)
@@ -1346,12 +1349,15 @@ def plot_curves(cfg: CascadeConfig, plan: Plan, baseline: Optional[dict], path: 
 #     instruct:   <size>/instruct_sft  -> <size>/instruct_odpo
 #     reasoning:  <size>/reasoning_sft -> <size>/grpo -> <size>/reasoning_odpo
 # plus one pairwise reward model, post/pwrm, shared by every ODPO stage and every win rate. The stages
-# call sft.run_sft, grpo.run_grpo and odpo.run_odpo with their demos' recipes (grpo.py's SFT learning rate,
-# the GRPO and ODPO schedules, the PWRM's honest labelling rules and calibration), shorter, and with GRPO
-# and ODPO at lr 3e-4 (their demos: 2e-4 and 1e-4) so that a few steps can move the policy.
+# call sft.run_sft, grpo.run_grpo and odpo.run_odpo with their demos' recipes (grpo.py's task, SFT learning
+# rate and GRPO recipe: lr 2e-4, 32 prompts x G 8 per step; odpo.py's lr 1e-4; the PWRM's honest labelling
+# rules and calibration), with fewer steps. An earlier chain ran GRPO and ODPO at lr 3e-4 on 8 prompts, on
+# sums and differences of operands up to 14, after 150 SFT steps: its SFT models answered 3-12% of the
+# held-out problems, and GRPO, starting below grpo.py's 10% floor, gained nothing (benchmarks/posttrain/NOTES.md).
 # Choices, ours where the paper is silent or the demo is smaller:
-#  a. Data: data.easy_math_problems ("What is a op b?", operands up to 14, + and -: 450 distinct questions)
-#     split by QUESTION into a held-out set and a training pool; the overlap is counted and reported (0).
+#  a. Data: data.easy_math_problems ("What is a + b?", operands up to 49: 2,500 distinct questions; the real
+#     presets keep operands up to 14 with + and -, 450 questions) split by QUESTION into a held-out set and a
+#     training pool; the overlap is counted and reported (0).
 #     Instruct answers "The answer is N." (odpo.py's format); reasoning answers [THINK] the worked step
 #     [/THINK] N (sft.math_trace). A tokenizer without [THINK] (ChatML: SmolLM2) writes the step before
 #     "Answer: N" (sft.demo_items' fallback), and GRPO's format gate is off.
@@ -1371,23 +1377,24 @@ def plot_curves(cfg: CascadeConfig, plan: Plan, baseline: Optional[dict], path: 
 POST_KINDS = ("instruct_sft", "reasoning_sft", "pwrm", "instruct_odpo", "grpo", "reasoning_odpo")
 POST_STAGES = {  # optimizer steps per post-training stage, held-out problems per row
     "smoke": dict(post_sft_steps=3, post_grpo_steps=2, post_odpo_steps=2, post_pwrm_steps=2, post_eval_problems=8),
-    "cpu": dict(post_sft_steps=150, post_grpo_steps=20, post_odpo_steps=15, post_pwrm_steps=80, post_eval_problems=64),
+    "cpu": dict(post_sft_steps=400, post_grpo_steps=60, post_odpo_steps=15, post_pwrm_steps=80, post_eval_problems=64),
     "gpu": dict(post_sft_steps=300, post_grpo_steps=120, post_odpo_steps=60, post_pwrm_steps=300, post_eval_problems=100),
     "cpu-real": dict(post_sft_steps=8, post_grpo_steps=3, post_odpo_steps=3, post_pwrm_steps=8, post_eval_problems=16),
 }
 for _p in ("cpu_deep", "paper", "gpu-real"):
     POST_STAGES[_p] = POST_STAGES["cpu" if _p == "cpu_deep" else "gpu"]
-POST = dict(max_operand=14, ops="+-", held_out=100, pool=2500, new_tokens=24, sft_batch=32, sft_lr=3e-3,
-            grpo_group=8, grpo_prompts=8, grpo_lr=3e-4, odpo_batch=16, odpo_lr=3e-4, pwrm_batch=16, pwrm_lr=1e-3,
+POST = dict(max_operand=49, ops="+", held_out=100, pool=2500, new_tokens=24, sft_batch=32, sft_lr=3e-3,
+            grpo_group=8, grpo_prompts=32, grpo_lr=2e-4, odpo_batch=16, odpo_lr=1e-4, pwrm_batch=16, pwrm_lr=1e-3,
             pwrm_problems=96, calib_problems=32, eval_seed=1234)
 # A pretrained parent's children are fine-tuned, not trained from a few thousand steps: the rates above (chosen
 # on the demo's 1-3M-parameter children) would wreck a 36-95M-parameter SmolLM2 child, so the real presets use
-# fine-tuning rates.
-POST_REAL_LR = dict(sft_lr=5e-5, grpo_lr=1e-5, odpo_lr=1e-5, pwrm_lr=5e-5)
+# fine-tuning rates, 8 GRPO prompts per step (CPU cost), and the task of their record (benchmarks/posttrain/smollm2).
+POST_REAL = dict(sft_lr=5e-5, grpo_lr=1e-5, odpo_lr=1e-5, pwrm_lr=5e-5, grpo_prompts=8, max_operand=14, ops="+-")
 
 
-def post_lr(cfg, key: str) -> float:
-    return POST_REAL_LR[key] if cfg.preset in REAL_SMALL else POST[key]
+def post_recipe(cfg) -> dict:
+    """The post-training settings of this preset (POST, with POST_REAL's on a real parent's small presets)."""
+    return {**POST, **POST_REAL} if cfg.preset in REAL_SMALL else dict(POST)
 
 
 @dataclass
@@ -1415,7 +1422,8 @@ def post_data(cfg: CascadeConfig, ctx: Context) -> PostData:
     if tok.path.endswith(".json") and "[THINK]" not in tok.specials:
         tok = D.Tokenizer.from_file(S.tekken_with_think(tok.path, os.path.join(cfg.out, "post", "tekken.json"),
                                                         tok.vocab_size), vocab_size=tok.vocab_size)
-    pool = D.easy_math_problems(POST["pool"], seed=cfg.seed, max_operand=POST["max_operand"], ops=POST["ops"])
+    recipe = post_recipe(cfg)
+    pool = D.easy_math_problems(POST["pool"], seed=cfg.seed, max_operand=recipe["max_operand"], ops=recipe["ops"])
     questions = sorted({p["question"] for p in pool})
     np.random.default_rng(cfg.seed).shuffle(questions)
     held_q = set(questions[:POST["held_out"]])
@@ -1446,7 +1454,7 @@ def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path
                  f"{'KL to ' + teacher_path if teacher_path else 'CE'}")
         student = build(init_path, ctx, cfg)
         teacher = build(teacher_path, ctx, cfg, train=False) if teacher_path else None
-        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], post_lr(cfg, "sft_lr"),
+        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], post_recipe(cfg)["sft_lr"],
                                  seq)
         r = S.run_sft(student, convs, pd.tok, tcfg, S.SFTConfig(), teacher, device=ctx.device, name=name)
         stages.finish(name, {"start": init_path, "teacher": teacher_path, "steps": cfg.post_sft_steps,
@@ -1473,7 +1481,7 @@ def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardMod
         if seq > policy.args.max_seq_len:
             raise ValueError(f"the PWRM's chats need {seq} tokens of context but {init_path} has max_seq_len "
                              f"{policy.args.max_seq_len}: raise --long-seq-len")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], post_lr(cfg, "pwrm_lr"),
+        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], post_recipe(cfg)["pwrm_lr"],
                                  seq)
         S.run_sft(build(init_path, ctx, cfg), convs, pd.tok, tcfg, S.SFTConfig(), device=ctx.device, name=name)
         pwrm = O.PairwiseRewardModel(M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval(),
@@ -1494,8 +1502,8 @@ def stage_grpo(cfg, ctx, stages, pd: PostData, name, init_path) -> str:
         log(ctx, f"== stage {name}: GRPO from {init_path} for {cfg.post_grpo_steps} steps")
         gcfg = G.GRPOConfig(group_size=POST["grpo_group"], max_new_tokens=POST["new_tokens"], format_gate=pd.think,
                             eval_every_steps=0)
-        batch = POST["grpo_group"] * POST["grpo_prompts"]
-        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, post_lr(cfg, "grpo_lr"), warmup_steps=0,
+        batch = POST["grpo_group"] * post_recipe(cfg)["grpo_prompts"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, post_recipe(cfg)["grpo_lr"], warmup_steps=0,
                                  min_lr_ratio=1.0, weight_decay=0.0)
         r = G.run_grpo(build(init_path, ctx, cfg), pd.tok, pd.train, gcfg, tcfg, device=ctx.device, name=name)
         first, last = r["rollouts"][0], r["rollouts"][-1]
@@ -1508,7 +1516,7 @@ def stage_odpo(cfg, ctx, stages, pd: PostData, name, init_path, pwrm) -> str:
     """odpo.py's recipe: two samples per prompt at T = 0.7, soft labels from the PWRM, the start as reference."""
     if stages.done(name) is None:
         log(ctx, f"== stage {name}: online DPO from {init_path} for {cfg.post_odpo_steps} steps")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], post_lr(cfg, "odpo_lr"),
+        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], post_recipe(cfg)["odpo_lr"],
                                  weight_decay=0.0)
         prompts = [[{"role": "user", "content": p["question"]}] for p in pd.train]
         O.run_odpo(build(init_path, ctx, cfg), build(init_path, ctx, cfg, train=False), pwrm, pd.tok, prompts,
@@ -1631,8 +1639,8 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
     cal = pwrm_info["calibration"]
     n_train_q = len({p["question"] for p in pd.train})
     notes = [
-        f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, operands 0..{POST['max_operand']}, "
-        f"ops {POST['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
+        f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, operands 0..{post_recipe(cfg)['max_operand']}, "
+        f"ops {post_recipe(cfg)['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
         f"pool ({len(pd.train)} problems; overlap {pd.overlap}). Greedy answers of at most {POST['new_tokens']} tokens.",
         "accuracy: exact answer (data.check_math_answer, the number after [/THINK]). format: reasoning stages and "
         "base, [THINK] trace [/THINK] answer ended by EOS (grpo.final_part's gate" +
@@ -1647,10 +1655,10 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         "ODPO from GRPO. 0.5 = no preference; in brackets, the share of samples equal to the starting model's, "
         "token for token (each a tie at exactly 0.5).",
         f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
-        f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {POST['grpo_prompts']} prompts x "
+        f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {post_recipe(cfg)['grpo_prompts']} prompts x "
         f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples; "
-        f"peak lr SFT {post_lr(cfg, 'sft_lr'):g}, GRPO {post_lr(cfg, 'grpo_lr'):g}, ODPO {post_lr(cfg, 'odpo_lr'):g}, "
-        f"PWRM {post_lr(cfg, 'pwrm_lr'):g}.",
+        f"peak lr SFT {post_recipe(cfg)['sft_lr']:g}, GRPO {post_recipe(cfg)['grpo_lr']:g}, ODPO {post_recipe(cfg)['odpo_lr']:g}, "
+        f"PWRM {post_recipe(cfg)['pwrm_lr']:g}.",
         "Training signal: GRPO mean rollout reward (T = 1), first quarter of the steps -> last quarter: " + "; ".join(
             f"{r['size']} {r['training']['reward_first_quarter']:.3f} -> {r['training']['reward_last_quarter']:.3f}"
             for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "

@@ -2,6 +2,7 @@
 cascade, wired stage to stage, resumable like the pretraining stages, with one table at the end."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -135,6 +136,23 @@ def test_changed_post_setting_is_refused(post_run):
         C.run_cascade(C.config_from_argv(argv + ["--post-grpo-steps", "2"]))
     with pytest.raises(ValueError, match="would keep stage 14b/grpo"):
         C.run_cascade(C.config_from_argv(argv + ["--post-grpo-steps", "2", "--restart-from", "8b/grpo"]))
+
+
+def test_changed_post_recipe_is_refused_only_where_post_stages_exist(post_run, tmp_path, monkeypatch):
+    """The recipe (task, rates, GRPO prompts) is part of the run's fingerprint; a cascade with no post-training
+    stage yet takes any post-training settings."""
+    out, *_, argv = post_run
+    claim = lambda extra: C.claim_out_dir(cfg := C.resolved(C.config_from_argv(argv + extra)), C.make_plan(cfg), 0,
+                                          write=False)
+    claim([])  # unchanged: accepted
+    monkeypatch.setitem(C.POST, "grpo_lr", C.POST["grpo_lr"] / 2)
+    with pytest.raises(ValueError, match=r"\(post_recipe\).*--restart-from 14b/instruct_sft"):
+        claim([])
+    bare = tmp_path / "bare"  # the same run without its post-training stages
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns(*C.POST_KINDS, "post"))
+    i = argv.index("--out")
+    argv = argv[:i + 1] + [str(bare)] + argv[i + 2:]
+    claim(["--post-grpo-steps", "2"])
 
 
 def test_posttrain_refuses_what_it_cannot_do():
