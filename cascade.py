@@ -1531,7 +1531,7 @@ def post_eval(cfg, ctx, stages, pd: PostData, name, path, reasoning: bool, start
     held = pd.held[:cfg.post_eval_problems]
     key = {"held": [p["question"] for p in held], "new_tokens": ocfg.max_new_tokens, "reasoning": reasoning,
            "start": start, "start_made": stages.info(start) if start else None,  # done.json: unique to one training
-           "measures": 2,  # the version of what is measured: a new measure recomputes the cached ones
+           "measures": 3,  # the version of what is measured: a new measure recomputes the cached ones
            "pwrm_made": stages.info("post/pwrm") if start else None}
     if os.path.exists(cache):
         with open(cache) as f:
@@ -1548,7 +1548,8 @@ def post_eval(cfg, ctx, stages, pd: PostData, name, path, reasoning: bool, start
     answers = [G.final_part(t, not e, pd.think and reasoning) for t, e in zip(texts, ended)]
     fmt = [a is not None and (reasoning or "[THINK]" not in t) for a, t in zip(answers, texts)]
     loops = lambda rs: float(np.mean([O.is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens) for r in rs]))
-    result = {"n": len(held), "accuracy": float(np.mean([D.check_math_answer(t, p["answer"]) for t, p in zip(texts, held)])),
+    correct = [D.check_math_answer(t, p["answer"]) for t, p in zip(texts, held)]
+    result = {"n": len(held), "accuracy": float(np.mean(correct)), "correct": correct,
               "format_rate": float(np.mean(fmt)), "loop_rate_greedy": loops(greedy), "loop_rate_sampled": loops(sampled),
               "mean_new_tokens": float(np.mean([len(r) for r in greedy])), "sampled": sampled,
               "examples": [{"question": p["question"], "answer": p["answer"], "output": t} for p, t in zip(held[:3], texts)]}
@@ -1586,18 +1587,28 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
                  ("GRPO", f"{n}/grpo", grpo, True, f"{n}/reasoning_sft"),
                  ("reasoning ODPO", f"{n}/reasoning_odpo",
                   stage_odpo(cfg, ctx, stages, pd, f"{n}/reasoning_odpo", grpo, pwrm), True, f"{n}/grpo")]
+        evals = {}
         for label, stage, path, reasoning, start in chain:
-            ev = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
+            ev = evals[stage] = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
             info = stages.info(stage)
+            paired = None if start is None else paired_flips(evals[start]["correct"], ev["correct"])
             rows.append({"size": n, "stage": label, "dir": stage, "start": start, "win_rate": None, "win_pairs": 0,
                          "same_as_start": None, "training": post_training_log(stages, stage) if start else None,
-                         **{k: v for k, v in ev.items() if k != "sampled"},
+                         "paired": paired, **{k: v for k, v in ev.items() if k != "sampled"},
                          # base: the cascade's long stage made it (its time is in the retention table)
                          "stage_seconds": info.get("seconds") if start else None,
                          "stage_cpu_seconds": info.get("cpu_seconds") if start else None})
     if ctx.rank == 0:
         write_post_results(cfg, rows, pd, stages.info("post/pwrm"), run_info())
     return rows
+
+
+def paired_flips(start_correct: list, correct: list) -> dict:
+    """The same held-out problems, greedy, before and after a stage: how many went wrong -> right and right ->
+    wrong, and the two-sided exact sign test of those flips (grpo.py's demo reports the same)."""
+    gained = sum(b and not a for a, b in zip(start_correct, correct, strict=True))
+    lost = sum(a and not b for a, b in zip(start_correct, correct, strict=True))
+    return {"wrong_to_right": gained, "right_to_wrong": lost, "sign_test_p": G.sign_test(gained, lost)}
 
 
 def post_training_log(stages, stage) -> dict:
@@ -1621,11 +1632,14 @@ POST_ROWS = ("base", "SFT", "instruct ODPO", "reasoning SFT", "GRPO", "reasoning
 
 
 def post_table(rows: list) -> str:
-    lines = ["| size | stage | started from | accuracy | format | loops greedy / T=0.7 | PWRM win rate vs start "
-             "(samples equal to the start's) | mean new tokens | stage CPU (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | stage | started from | accuracy | vs start: wrong -> right / right -> wrong (sign test p) | format "
+             "| loops greedy / T=0.7 | PWRM win rate vs start (samples equal to the start's) | mean new tokens "
+             "| stage CPU (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         win = "-" if r.get("win_rate") is None else f"{r['win_rate']:.2f} ({100 * r['same_as_start']:.0f}%)"
-        lines.append(f"| {r['size']} | {r['stage']} | {r['start'] or '-'} | {100 * r['accuracy']:.1f}% | "
+        pr = r.get("paired")
+        flips = "-" if pr is None else f"+{pr['wrong_to_right']} / -{pr['right_to_wrong']} ({pr['sign_test_p']:.2g})"
+        lines.append(f"| {r['size']} | {r['stage']} | {r['start'] or '-'} | {100 * r['accuracy']:.1f}% | {flips} | "
                      f"{100 * r['format_rate']:.0f}% | {100 * r['loop_rate_greedy']:.0f}% / {100 * r['loop_rate_sampled']:.0f}% | "
                      f"{win} | {r['mean_new_tokens']:.1f} | {fmt_seconds(r['stage_cpu_seconds'])} |")
     return "\n".join(lines)
@@ -1642,7 +1656,9 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, operands 0..{post_recipe(cfg)['max_operand']}, "
         f"ops {post_recipe(cfg)['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
         f"pool ({len(pd.train)} problems; overlap {pd.overlap}). Greedy answers of at most {POST['new_tokens']} tokens.",
-        "accuracy: exact answer (data.check_math_answer, the number after [/THINK]). format: reasoning stages and "
+        "accuracy: exact answer (data.check_math_answer, the number after [/THINK]); against the starting model (below), "
+        "the held-out problems it gets right that the start got wrong and the reverse, with the two-sided exact sign "
+        "test of those flips. format: reasoning stages and "
         "base, [THINK] trace [/THINK] answer ended by EOS (grpo.final_part's gate" +
         ("" if pd.think else "; this tokenizer has no [THINK], so: an ended, non-empty answer") +
         "); instruct stages, an ended, non-empty answer without [THINK]. loops: odpo.is_looping, greedy and sampled "

@@ -671,7 +671,7 @@ def render_table(out: dict) -> list[str]:
     return table
 
 
-def _sign_test(k: int, m: int) -> float:
+def sign_test(k: int, m: int) -> float:
     """Two-sided exact sign test of k successes against m failures (paired flips), p under a fair coin."""
     n = k + m
     if n == 0:
@@ -739,7 +739,7 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
     gained = sum(a and not b for a, b in zip(after, before))
     lost = sum(b and not a for a, b in zip(after, before))
     out["held_out_paired"] = {"wrong_to_right": gained, "right_to_wrong": lost,
-                              "sign_test_p": _sign_test(gained, lost)}
+                              "sign_test_p": sign_test(gained, lost)}
     write_json_atomic(os.path.join(root, "results.json"), out)
     table = render_table(out)
     with open(os.path.join(root, "table.md"), "w") as f:

@@ -356,7 +356,7 @@ def test_demo_held_out_questions_are_unseen_and_many():
 
 
 def test_sign_test_matches_the_binomial_tail():
-    assert GR._sign_test(10, 5) == pytest.approx(2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
-    assert GR._sign_test(5, 10) == GR._sign_test(10, 5)
-    assert GR._sign_test(0, 0) == 1.0 and GR._sign_test(3, 3) == 1.0
-    assert GR._sign_test(20, 0) == pytest.approx(2 / 2 ** 20)
+    assert GR.sign_test(10, 5) == pytest.approx(2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
+    assert GR.sign_test(5, 10) == GR.sign_test(10, 5)
+    assert GR.sign_test(0, 0) == 1.0 and GR.sign_test(3, 3) == 1.0
+    assert GR.sign_test(20, 0) == pytest.approx(2 / 2 ** 20)

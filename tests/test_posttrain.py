@@ -80,6 +80,15 @@ def test_chain_runs_and_the_table_has_every_size_and_stage(post_run):
     for r in record["rows"]:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["format_rate"] <= 1 and 0 <= r["loop_rate_greedy"] <= 1
         assert r["n"] == 4 and (r["win_rate"] is None) == (r["stage"] == "base")
+        assert len(r["correct"]) == 4 and r["accuracy"] == sum(r["correct"]) / 4
+    by_dir = {r["dir"]: r for r in record["rows"]}
+    for r in record["rows"]:  # the flips against the starting model, counted from the two rows' per-problem marks
+        if r["start"] is None:
+            assert r["paired"] is None
+            continue
+        pairs = list(zip(by_dir[r["start"]]["correct"], r["correct"]))
+        assert (r["paired"]["wrong_to_right"], r["paired"]["right_to_wrong"]) == \
+            (pairs.count((False, True)), pairs.count((True, False)))
     table = (out / "results" / "posttrain.md").read_text()
     assert table.count("\n| 14b |") == 6 and table.count("\n| 8b |") == 6 and "overlap 0" in table
     assert (out / "results" / "posttrain.png").stat().st_size > 0
@@ -88,6 +97,17 @@ def test_chain_runs_and_the_table_has_every_size_and_stage(post_run):
     assert split["overlap"] == 0 and split["held_out"] == C.POST["held_out"]
     for size in SIZES:
         assert M.read_checkpoint_args(str(out / size / "reasoning_odpo" / "model"))[0].n_layers >= 1
+
+
+def test_paired_flips_count_each_direction():
+    start = [True, True, False, False, False, True]
+    after = [True, False, True, True, False, True]
+    got = C.paired_flips(start, after)
+    assert (got["wrong_to_right"], got["right_to_wrong"]) == (2, 1)
+    assert got["sign_test_p"] == pytest.approx(1.0)  # 2 vs 1: two-sided tail 2 * (1 + 3) / 8, capped at 1
+    assert C.paired_flips([False] * 10, [True] * 10)["sign_test_p"] == pytest.approx(2 / 2 ** 10)
+    with pytest.raises(ValueError):
+        C.paired_flips([True], [True, False])  # rows scored on different problem counts
 
 
 def test_heldout_problems_are_disjoint_from_training(post_run):
