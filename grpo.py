@@ -78,7 +78,7 @@ import data as D
 import sft as S
 from generate import RolloutConfig, RolloutWeights, rollout
 from model import Transformer, load_model, read_checkpoint_args, resolve_model_path
-from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
+from train import TrainConfig, configs_from_args, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
 # Config
