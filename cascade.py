@@ -1454,8 +1454,8 @@ def stage_post_sft(cfg, ctx, stages, pd: PostData, name, init_path, teacher_path
                  f"{'KL to ' + teacher_path if teacher_path else 'CE'}")
         student = build(init_path, ctx, cfg)
         teacher = build(teacher_path, ctx, cfg, train=False) if teacher_path else None
-        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], post_recipe(cfg)["sft_lr"],
-                                 seq)
+        lr = post_recipe(cfg)["sft_lr"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_sft_steps, POST["sft_batch"], lr, seq)
         r = S.run_sft(student, convs, pd.tok, tcfg, S.SFTConfig(), teacher, device=ctx.device, name=name)
         stages.finish(name, {"start": init_path, "teacher": teacher_path, "steps": cfg.post_sft_steps,
                              "first_loss": r["history"][0]["loss"], "last_loss": r["history"][-1]["loss"]})
@@ -1481,8 +1481,8 @@ def stage_pwrm(cfg, ctx, stages, pd: PostData, init_path) -> O.PairwiseRewardMod
         if seq > policy.args.max_seq_len:
             raise ValueError(f"the PWRM's chats need {seq} tokens of context but {init_path} has max_seq_len "
                              f"{policy.args.max_seq_len}: raise --long-seq-len")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], post_recipe(cfg)["pwrm_lr"],
-                                 seq)
+        lr = post_recipe(cfg)["pwrm_lr"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_pwrm_steps, POST["pwrm_batch"], lr, seq)
         S.run_sft(build(init_path, ctx, cfg), convs, pd.tok, tcfg, S.SFTConfig(), device=ctx.device, name=name)
         pwrm = O.PairwiseRewardModel(M.load_model(os.path.join(stages.dir(name), "model"), device=ctx.device).eval(),
                                      pd.tok, max_response_tokens=ocfg.max_new_tokens)
@@ -1502,8 +1502,9 @@ def stage_grpo(cfg, ctx, stages, pd: PostData, name, init_path) -> str:
         log(ctx, f"== stage {name}: GRPO from {init_path} for {cfg.post_grpo_steps} steps")
         gcfg = G.GRPOConfig(group_size=POST["grpo_group"], max_new_tokens=POST["new_tokens"], format_gate=pd.think,
                             eval_every_steps=0)
-        batch = POST["grpo_group"] * post_recipe(cfg)["grpo_prompts"]
-        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, post_recipe(cfg)["grpo_lr"], warmup_steps=0,
+        recipe = post_recipe(cfg)
+        batch = POST["grpo_group"] * recipe["grpo_prompts"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_grpo_steps, batch, recipe["grpo_lr"], warmup_steps=0,
                                  min_lr_ratio=1.0, weight_decay=0.0)
         r = G.run_grpo(build(init_path, ctx, cfg), pd.tok, pd.train, gcfg, tcfg, device=ctx.device, name=name)
         first, last = r["rollouts"][0], r["rollouts"][-1]
@@ -1516,8 +1517,8 @@ def stage_odpo(cfg, ctx, stages, pd: PostData, name, init_path, pwrm) -> str:
     """odpo.py's recipe: two samples per prompt at T = 0.7, soft labels from the PWRM, the start as reference."""
     if stages.done(name) is None:
         log(ctx, f"== stage {name}: online DPO from {init_path} for {cfg.post_odpo_steps} steps")
-        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], post_recipe(cfg)["odpo_lr"],
-                                 weight_decay=0.0)
+        lr = post_recipe(cfg)["odpo_lr"]
+        tcfg = post_train_config(cfg, stages, name, cfg.post_odpo_steps, POST["odpo_batch"], lr, weight_decay=0.0)
         prompts = [[{"role": "user", "content": p["question"]}] for p in pd.train]
         O.run_odpo(build(init_path, ctx, cfg), build(init_path, ctx, cfg, train=False), pwrm, pd.tok, prompts,
                    odpo_config(pd), tcfg, device=ctx.device, name=name)
@@ -1650,11 +1651,12 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
     out = results_dir(cfg)
     os.makedirs(out, exist_ok=True)
     record = run_record(cfg, run)
-    cal = pwrm_info["calibration"]
+    cal, recipe = pwrm_info["calibration"], post_recipe(cfg)
     n_train_q = len({p["question"] for p in pd.train})
     notes = [
-        f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, operands 0..{post_recipe(cfg)['max_operand']}, "
-        f"ops {post_recipe(cfg)['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
+        f"Held-out: {rows[0]['n']} problems \"What is a op b?\" (data.easy_math_problems, "
+        f"operands 0..{recipe['max_operand']}, "
+        f"ops {recipe['ops']!r}), none of whose questions is among the {n_train_q} distinct questions of the training "
         f"pool ({len(pd.train)} problems; overlap {pd.overlap}). Greedy answers of at most {POST['new_tokens']} tokens.",
         "accuracy: exact answer (data.check_math_answer, the number after [/THINK]); against the starting model (below), "
         "the held-out problems it gets right that the start got wrong and the reverse, with the two-sided exact sign "
@@ -1671,10 +1673,10 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
         "ODPO from GRPO. 0.5 = no preference; in brackets, the share of samples equal to the starting model's, "
         "token for token (each a tie at exactly 0.5).",
         f"SFT: KL to the largest size's SFT of the same chain ({rows[0]['size']} itself: CE), {cfg.post_sft_steps} "
-        f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {post_recipe(cfg)['grpo_prompts']} prompts x "
+        f"steps of {POST['sft_batch']} chats; GRPO {cfg.post_grpo_steps} steps of {recipe['grpo_prompts']} prompts x "
         f"G {POST['grpo_group']}; ODPO {cfg.post_odpo_steps} steps of {POST['odpo_batch'] // 2} prompts x 2 samples; "
-        f"peak lr SFT {post_recipe(cfg)['sft_lr']:g}, GRPO {post_recipe(cfg)['grpo_lr']:g}, ODPO {post_recipe(cfg)['odpo_lr']:g}, "
-        f"PWRM {post_recipe(cfg)['pwrm_lr']:g}.",
+        f"peak lr SFT {recipe['sft_lr']:g}, GRPO {recipe['grpo_lr']:g}, ODPO {recipe['odpo_lr']:g}, "
+        f"PWRM {recipe['pwrm_lr']:g}.",
         "Training signal: GRPO mean rollout reward (T = 1), first quarter of the steps -> last quarter: " + "; ".join(
             f"{r['size']} {r['training']['reward_first_quarter']:.3f} -> {r['training']['reward_last_quarter']:.3f}"
             for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
