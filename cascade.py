@@ -1696,7 +1696,7 @@ def write_post_results(cfg: CascadeConfig, rows: list, pd: PostData, pwrm_info: 
     TR.write_json_atomic(os.path.join(out, "posttrain.json"), {
         "rows": rows, "split": {"train_problems": len(pd.train), "train_questions": n_train_q, "held_out": len(pd.held),
                                 "overlap": pd.overlap, "think_tokens": pd.think},
-        "pwrm": pwrm_info, "recipe": POST, "run": record, "config": dataclasses.asdict(cfg)})
+        "pwrm": pwrm_info, "recipe": recipe, "run": record, "config": dataclasses.asdict(cfg)})
     plot_post(cfg, rows, os.path.join(out, "posttrain.png"))
     print("\n" + table + "\n\n" + "\n\n".join(notes))
 

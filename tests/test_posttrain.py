@@ -201,6 +201,8 @@ def test_posttrain_on_a_chatml_gguf_parent(tmp_path):
     assert [(r["size"], r["stage"]) for r in result["post"]] == [(n, s) for n in SIZES for s in C.POST_ROWS]
     record = json.loads((out / "results" / "posttrain.json").read_text())
     assert record["split"]["think_tokens"] is False and record["split"]["overlap"] == 0
+    assert record["recipe"] == {**C.POST, **C.POST_REAL}  # the real presets' rates, task and prompts, as run
+    assert json.loads((out / "14b" / "grpo" / "config.json").read_text())["train"]["batch_size"] == 8 * 8
     assert not (out / "post" / "tekken.json").exists()  # the GGUF's own tokenizer, not a Tekken copy
     assert json.loads((out / "14b" / "grpo" / "config.json").read_text())["grpo"]["format_gate"] is False
     table = (out / "results" / "posttrain.md").read_text()
