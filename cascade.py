@@ -1592,7 +1592,7 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
         for label, stage, path, reasoning, start in chain:
             ev = evals[stage] = post_eval(cfg, ctx, stages, pd, stage, path, reasoning, start, pwrm)
             info = stages.info(stage)
-            paired = None if start is None else paired_flips(evals[start]["correct"], ev["correct"])
+            paired = None if start is None else G.paired_flips(evals[start]["correct"], ev["correct"])
             rows.append({"size": n, "stage": label, "dir": stage, "start": start, "win_rate": None, "win_pairs": 0,
                          "same_as_start": None, "training": post_training_log(stages, stage) if start else None,
                          "paired": paired, **{k: v for k, v in ev.items() if k != "sampled"},
@@ -1602,14 +1602,6 @@ def run_posttrain(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages, 
     if ctx.rank == 0:
         write_post_results(cfg, rows, pd, stages.info("post/pwrm"), run_info())
     return rows
-
-
-def paired_flips(start_correct: list, correct: list) -> dict:
-    """The same held-out problems, greedy, before and after a stage: how many went wrong -> right and right ->
-    wrong, and the two-sided exact sign test of those flips (grpo.py's demo reports the same)."""
-    gained = sum(b and not a for a, b in zip(start_correct, correct, strict=True))
-    lost = sum(a and not b for a, b in zip(start_correct, correct, strict=True))
-    return {"wrong_to_right": gained, "right_to_wrong": lost, "sign_test_p": G.sign_test(gained, lost)}
 
 
 def post_training_log(stages, stage) -> dict:

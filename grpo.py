@@ -671,6 +671,14 @@ def render_table(out: dict) -> list[str]:
     return table
 
 
+def paired_flips(before: list, after: list) -> dict:
+    """The same held-out problems scored before and after training (per-problem right/wrong): how many went
+    wrong -> right and right -> wrong, and the two-sided exact sign test of those flips."""
+    gained = sum(b and not a for a, b in zip(before, after, strict=True))
+    lost = sum(a and not b for a, b in zip(before, after, strict=True))
+    return {"wrong_to_right": gained, "right_to_wrong": lost, "sign_test_p": sign_test(gained, lost)}
+
+
 def sign_test(k: int, m: int) -> float:
     """Two-sided exact sign test of k successes against m failures (paired flips), p under a fair coin."""
     n = k + m
@@ -732,15 +740,10 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
            "child": child, "splits": {k: len(v) for k, v in splits.items()}, "split_overlap": split_overlap(splits),
            "config": {"grpo": dataclasses.asdict(gcfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
            "held_out_before": res["start"], "held_out_after": res["end"], "evals": evals,
-           "rollouts": stats, "reward_errors": res["reward_errors"]}
+           "rollouts": stats, "reward_errors": res["reward_errors"],
+           "held_out_paired": paired_flips(res["start"]["correct"], res["end"]["correct"])}
     write_json_atomic(os.path.join(root, "results.json"), out)
     _plot(stats, evals, os.path.join(root, "curves.png"))
-    before, after = res["start"]["correct"], res["end"]["correct"]
-    gained = sum(a and not b for a, b in zip(after, before))
-    lost = sum(b and not a for a, b in zip(after, before))
-    out["held_out_paired"] = {"wrong_to_right": gained, "right_to_wrong": lost,
-                              "sign_test_p": sign_test(gained, lost)}
-    write_json_atomic(os.path.join(root, "results.json"), out)
     table = render_table(out)
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")

@@ -99,17 +99,6 @@ def test_chain_runs_and_the_table_has_every_size_and_stage(post_run):
         assert M.read_checkpoint_args(str(out / size / "reasoning_odpo" / "model"))[0].n_layers >= 1
 
 
-def test_paired_flips_count_each_direction():
-    start = [True, True, False, False, False, True]
-    after = [True, False, True, True, False, True]
-    got = C.paired_flips(start, after)
-    assert (got["wrong_to_right"], got["right_to_wrong"]) == (2, 1)
-    assert got["sign_test_p"] == pytest.approx(1.0)  # 2 vs 1: two-sided tail 2 * (1 + 3) / 8, capped at 1
-    assert C.paired_flips([False] * 10, [True] * 10)["sign_test_p"] == pytest.approx(2 / 2 ** 10)
-    with pytest.raises(ValueError):
-        C.paired_flips([True], [True, False])  # rows scored on different problem counts
-
-
 def test_heldout_problems_are_disjoint_from_training(post_run):
     out, result, *_, argv = post_run
     cfg = C.resolved(C.config_from_argv(argv))
