@@ -1612,13 +1612,22 @@ def post_training_log(stages, stage) -> dict:
     if os.path.exists(path):
         steps = [json.loads(line) for line in open(path) if line.strip()]
         info |= {k: float(np.mean([s[k] for s in steps])) for k in ("mean_p", "reward_margin", "loop_rate")}
-    path = os.path.join(stages.dir(stage), "rollouts.jsonl")
-    if os.path.exists(path):  # GRPO: one batch is noisy, so the mean of the first and of the last quarter of the steps
-        by_step = {s["step"]: s["mean_reward"] for s in (json.loads(line) for line in open(path) if line.strip())}
+    by_step = grpo_reward_by_step(stages.dir(stage))
+    if by_step:  # GRPO: one batch is noisy, so the mean of the first and of the last quarter of the steps
         r = [by_step[k] for k in sorted(by_step)]
         q = max(1, len(r) // 4)
         info |= {"reward_first_quarter": float(np.mean(r[:q])), "reward_last_quarter": float(np.mean(r[-q:]))}
     return info
+
+
+def grpo_reward_by_step(stage_dir: str) -> dict:
+    """step -> mean rollout reward from a GRPO stage's rollouts.jsonl ({} for other stages). A resumed stage
+    replays steps: the last record of a step wins."""
+    path = os.path.join(stage_dir, "rollouts.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {s["step"]: s["mean_reward"] for s in (json.loads(line) for line in f if line.strip())}
 
 
 POST_ROWS = ("base", "SFT", "instruct ODPO", "reasoning SFT", "GRPO", "reasoning ODPO")
@@ -1702,12 +1711,8 @@ def plot_post(cfg: CascadeConfig, rows: list, path: str):
         mine = [r for r in rows if r["size"] == n]
         acc_ax.plot(range(len(mine)), [r["accuracy"] for r in mine], "o-", color=f"C{i}", label=f"{n} accuracy")
         acc_ax.plot(range(len(mine)), [r["format_rate"] for r in mine], "x:", color=f"C{i}", label=f"{n} format")
-        path_r = os.path.join(cfg.out, n, "grpo", "rollouts.jsonl")
-        if os.path.exists(path_r):
-            stats = {}
-            for line in open(path_r):
-                s = json.loads(line)
-                stats[s["step"]] = s["mean_reward"]  # a resumed stage replays steps: the last record wins
+        stats = grpo_reward_by_step(os.path.join(cfg.out, n, "grpo"))
+        if stats:
             rl_ax.plot(sorted(stats), [stats[k] for k in sorted(stats)], color=f"C{i}", label=n)
     acc_ax.set_xticks(range(len(POST_ROWS)), POST_ROWS, rotation=20, fontsize=8)
     acc_ax.set(title="held-out math (greedy)", ylabel="rate", ylim=(-0.02, 1.02))
