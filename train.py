@@ -248,6 +248,11 @@ def exit_process(code: Optional[int] = 0) -> NoReturn:
     if dist.is_initialized():
         barrier()
         teardown_distributed()
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush this process's output and leave at once (os._exit: no atexit handlers, no finalization)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -317,8 +322,7 @@ def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, F
             print(tag + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
             code = 1
         if world > 1:
-            sys.stdout.flush()
-            os._exit(code)
+            _exit_now(code)
         teardown_distributed()  # alone (torchrun --nproc_per_node 1): nobody waits for us
         return code
 
