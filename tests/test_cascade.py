@@ -467,10 +467,8 @@ def test_gguf_parent_cascade(tmp_path):
     ratios and stay tied, distillation runs on the Python corpus with the file's own tokenizer, and
     every row gets math accuracy and sample answers through the ChatML template."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import dataclasses
-    from test_gguf import ARGS, small_vocab, tiny_model, write_gguf
-    args = dataclasses.replace(ARGS, n_layers=4, hidden_dim=128, max_seq_len=512, vocab_size=len(small_vocab()[0]))
-    parent = write_gguf(tmp_path / "p.gguf", tiny_model(args))
+    from test_gguf import tiny_parent_gguf
+    parent, args = tiny_parent_gguf(tmp_path / "p.gguf")
     out = tmp_path / "run"
     argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "3b", "--short-steps", "2", "--long-steps", "1",
             "--seq-len", "32", "--long-seq-len", "64", "--batch-size", "2", "--micro-batch-size", "2",

@@ -163,6 +163,13 @@ def tiny_model(args=ARGS, seed=0):
     return m.eval()
 
 
+def tiny_parent_gguf(path):
+    """(path, args): a 4-layer tied parent with the small ChatML vocabulary, written as GGUF, as the cascade's
+    `--parent X.gguf` tests use."""
+    args = dataclasses.replace(ARGS, n_layers=4, hidden_dim=128, max_seq_len=512, vocab_size=len(small_vocab()[0]))
+    return write_gguf(path, tiny_model(args)), args
+
+
 # -- weights --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [True, False])

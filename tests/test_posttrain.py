@@ -176,10 +176,8 @@ def test_posttrain_on_a_chatml_gguf_parent(tmp_path):
     """The real-parent path (--parent X.gguf --preset cpu-real) on a tiny GGUF with a ChatML tokenizer: no
     [THINK] tokens, so the reasoning trace goes in the answer's text and GRPO's format gate is off."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import dataclasses
-    from test_gguf import ARGS, small_vocab, tiny_model, write_gguf
-    args = dataclasses.replace(ARGS, n_layers=4, hidden_dim=128, max_seq_len=512, vocab_size=len(small_vocab()[0]))
-    parent = write_gguf(tmp_path / "p.gguf", tiny_model(args))
+    from test_gguf import tiny_parent_gguf
+    parent, _ = tiny_parent_gguf(tmp_path / "p.gguf")
     out = tmp_path / "run"
     argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "8b", "--short-steps", "1", "--long-steps", "1",
             "--seq-len", "32", "--long-seq-len", "320", "--batch-size", "2", "--micro-batch-size", "2",
