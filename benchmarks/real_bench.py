@@ -45,7 +45,8 @@ def real_variant(impl: str, threads: int = 2, prompt: int = 512, new: int = 17, 
         # function but insists on accelerate, which the project does not install.
         import transformers
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-        config = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        config = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     local_files_only=True)
         net = transformers.LlamaForCausalLM(config).float()
         state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=net)["tensors"]
         missing, unexpected = net.load_state_dict(state, strict=False)

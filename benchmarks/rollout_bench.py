@@ -54,7 +54,8 @@ def _models(preset, dtype, device, with_hf):
         import transformers
         with tempfile.TemporaryDirectory() as d:
             M.save_model(ours, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa",
+                                                                     local_files_only=True)
         hf = hf.to(device).eval()
     return args, ours, hf
 

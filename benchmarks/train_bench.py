@@ -68,7 +68,8 @@ def run_variant(impl: str, preset: str, batch: int, seq: int, dtype: str, device
         import transformers  # optional baseline
         with tempfile.TemporaryDirectory() as d:
             M.save_model(ours, d)
-            net = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt, attn_implementation="sdpa").to(device)
+            net = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt, attn_implementation="sdpa",
+                                                                    local_files_only=True).to(device)
         del ours
         forward = lambda: net(input_ids=x_BT, labels=x_BT).loss  # HF shifts the labels itself
         if impl == "hf-fused":

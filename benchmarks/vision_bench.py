@@ -119,7 +119,8 @@ def step_variant(impl: str, vision: str, text: str, sizes, seq: int, dtype: str,
         import transformers
         with tempfile.TemporaryDirectory() as d:
             V.save_vlm(vlm, d)
-            net = transformers.Mistral3ForConditionalGeneration.from_pretrained(d, dtype=dt, attn_implementation="sdpa")
+            net = transformers.Mistral3ForConditionalGeneration.from_pretrained(d, dtype=dt, attn_implementation="sdpa",
+                                                                                local_files_only=True)
         net = net.to(device)
         net.model.vision_tower.requires_grad_(False)
         sizes_t = torch.tensor([list(x.shape[1:]) for x in xs])
