@@ -94,7 +94,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -542,85 +541,9 @@ def load_data(cfg: CascadeConfig, plan: Plan):
                                  f"for evaluation: give more data or --val-data")
             train_tokens, held = train_tokens[:-n_val], train_tokens[-n_val:]
     held = np.asarray(held)  # the held-out text is small: in memory (de-duplication, hashing, == eos_id)
-    held, info = dedupe_heldout(train_tokens, held, DEDUP_NGRAM, tok.bos_id, tok.eos_id)
-    val_tokens, test_tokens = split_in_two(held, tok.eos_id)
+    held, info = D.dedupe_heldout(train_tokens, held, D.DEDUP_NGRAM, tok.bos_id, tok.eos_id)
+    val_tokens, test_tokens = D.split_in_two(held, tok.eos_id)
     return tok, train_tokens, val_tokens, test_tokens, info
-
-
-# Held-out text that also occurs in the training stream measures memory, not generalisation: the
-# Python corpus repeats docstrings across documents (before this step 9% of held-out 32-token windows
-# occurred verbatim in training). Every held-out token covered by a DEDUP_NGRAM-token window that occurs
-# in the training tokens is dropped; what is left is re-cut into documents.
-DEDUP_NGRAM = 32
-DEDUP_MAX_TRAIN = 1 << 28  # above this many training tokens the hash table (8 B per token) is skipped
-
-
-def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit polynomial hash of every n-token window, computed in n vectorised passes (uint64 wraps)."""
-    t = np.asarray(tokens).astype(np.uint64)
-    h = np.zeros(max(0, len(t) - n + 1), dtype=np.uint64)
-    for j in range(n):
-        h = h * np.uint64(1_000_003) + t[j: j + len(h)]
-    return h
-
-
-def in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """np.isin(values, sorted_unique) by binary search: O(m log n) for m held-out windows against n
-    training windows, instead of np.isin's sort of both arrays on every call."""
-    if len(sorted_unique) == 0:
-        return np.zeros(len(values), dtype=bool)
-    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
-    return sorted_unique[idx] == values
-
-
-def heldout_overlap(train: np.ndarray, held: np.ndarray, n: int) -> int:
-    """How many of the held-out stream's n-token windows (every position) occur in the training stream."""
-    if len(held) < n or len(train) < n:
-        return 0
-    return int(in_sorted(ngram_hashes(held, n), np.unique(ngram_hashes(train, n))).sum())
-
-
-def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos_id: int) -> tuple:
-    """Drop every held-out token inside an n-token window that also occurs in `train`; each surviving
-    run becomes a document (BOS ... EOS). Returns (tokens, record with the overlap before and after)."""
-    info = {"ngram": n, "windows": max(0, len(held) - n + 1), "tokens_before": len(held)}
-    if len(train) > DEDUP_MAX_TRAIN:
-        return held, info | {"skipped": f"more than {DEDUP_MAX_TRAIN} training tokens"}
-    train_h = np.unique(ngram_hashes(train, n))
-    info["overlap_before"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
-    for _ in range(4):  # re-cutting adds BOS/EOS, which could (in principle) form a new match: check again
-        if len(held) < n:
-            break
-        seen = np.flatnonzero(in_sorted(ngram_hashes(held, n), train_h))
-        if len(seen) == 0:
-            break
-        edges = np.zeros(len(held) + 1, dtype=np.int64)
-        np.add.at(edges, seen, 1)
-        np.add.at(edges, seen + n, -1)
-        keep = np.cumsum(edges[:-1]) == 0
-        bounds = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
-        pieces = []
-        for a, b in zip(bounds[::2], bounds[1::2]):
-            run = held[a:b]
-            if len(run) < 2 or (len(run) == 2 and run[0] == bos_id):
-                continue
-            pieces += [run if run[0] == bos_id else np.concatenate([[bos_id], run]).astype(held.dtype)]
-            if run[-1] != eos_id:
-                pieces.append(np.array([eos_id], dtype=held.dtype))
-        held = np.concatenate(pieces) if pieces else held[:0]
-    info["tokens_after"] = len(held)
-    info["overlap_after"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
-    return held, info
-
-
-def split_in_two(held: np.ndarray, eos_id: int) -> tuple:
-    """The held-out stream cut at the document end nearest its middle: (validation, test). The validation
-    half only chooses the baseline's learning rate; every figure in the table is on the test half."""
-    ends = np.flatnonzero(held == eos_id) + 1
-    cut = int(ends[np.argmin(np.abs(ends - len(held) // 2))]) if len(ends) else len(held) // 2
-    if not 0 < cut < len(held):
-        cut = len(held) // 2
-    return held[:cut], held[cut:]
 
 
 def _tokens_from(path: str, tok):
@@ -649,13 +572,6 @@ def check_data(cfg: CascadeConfig, n_train: int, n_val: int, n_test: int, world:
 # Stages
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children: the cost of a run on a shared
-    machine, where wall time depends on the neighbours."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 class Stages:
     """Finished stages are skipped: their checkpoint and done.json are read back instead. done.json also
     records the stage's wall and CPU seconds (of the session that finished it)."""
@@ -676,7 +592,7 @@ class Stages:
             log(self.ctx, f"== stage {name}: finished earlier, skipped")
             with open(path) as f:
                 return json.load(f)
-        self.started[name] = (time.time(), cpu_seconds())
+        self.started[name] = (time.time(), TR.cpu_seconds())
         return None
 
     def claim(self, name) -> str:
@@ -716,8 +632,8 @@ class Stages:
     def finish(self, name, info: dict) -> dict:
         """train() has exported <stage>/model; done.json marks the stage finished. The export is what later
         stages read, so the stage's training checkpoints are deleted (they only served a resume)."""
-        t0, c0 = self.started.pop(name, (time.time(), cpu_seconds()))
-        info = info | {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(cpu_seconds() - c0, 2)}
+        t0, c0 = self.started.pop(name, (time.time(), TR.cpu_seconds()))
+        info = info | {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(TR.cpu_seconds() - c0, 2)}
         if self.ctx.rank == 0:
             TR.write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
             shutil.rmtree(os.path.join(self.dir(name), "ckpt"), ignore_errors=True)
@@ -963,7 +879,7 @@ def prepare(cfg: CascadeConfig, rank: int, world: int, device) -> tuple[Context,
 def run_cascade(cfg: CascadeConfig) -> dict:
     rank, world, _, device = TR.setup_distributed()
     try:
-        t0, c0, load0 = time.time(), cpu_seconds(), os.getloadavg()[0]
+        t0, c0, load0 = time.time(), TR.cpu_seconds(), os.getloadavg()[0]
         cfg = resolved(cfg, world)
         ctx, plan = prepare(cfg, rank, world, device)
         stages = Stages(cfg, ctx)
@@ -980,7 +896,7 @@ def run_cascade(cfg: CascadeConfig) -> dict:
         rows = [row(cfg, ctx, stages, "parent", "parent", parent_path, teacher, upstream, tasks=True)]
 
         def run_info(**extra) -> dict:  # wall and CPU time so far (CPU beside wall: the box may be shared)
-            return {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
+            return {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
                     "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
                     "stages_cpu_seconds": round(sum(r["cpu_seconds"] or 0 for r in rows), 1), **extra}
 
@@ -1071,7 +987,7 @@ def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -
     larger teacher) is trained once."""
     if cfg.parent is not None:
         raise ValueError("--ablation runs on the embedded experiment: drop --parent")
-    t0, c0 = time.time(), cpu_seconds()
+    t0, c0 = time.time(), TR.cpu_seconds()
     parent_path = stage_parent(cfg, ctx, stages, plan)
     parent = build(parent_path, ctx, cfg, train=False)
     DI.attach_teacher_cache(parent, cfg.teacher_cache_mb)
@@ -1115,7 +1031,7 @@ def run_ablation(cfg: CascadeConfig, ctx: Context, plan: Plan, stages: Stages) -
                                "pruned": stage_eval(vcfg, ctx, stages, f"{tag}/init", init, parent, cfg.seq_len),
                                "distilled": stage_eval(vcfg, ctx, stages, short_tag, short, parent, cfg.seq_len)}
     parent_eval = stage_eval(cfg, ctx, stages, "parent", parent_path, parent, cfg.seq_len)
-    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1)}
+    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1)}
     if ctx.rank == 0:
         write_ablation(cfg, results, parent_eval, name, plan, teachers, run)
     return results
@@ -1409,7 +1325,7 @@ class PostData:
     def chat(self, p: dict, reasoning: bool) -> list:
         if not reasoning:
             return [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": f"The answer is {p['answer']}."}]
-        trace = S.math_trace(p["question"], p["answer"])
+        trace = D.math_trace(p["question"], p["answer"])
         reply = ({"role": "assistant", "content": p["answer"], "thinking": trace} if self.think
                  else {"role": "assistant", "content": f"{trace} Answer: {p['answer']}"})
         return [{"role": "user", "content": p["question"]}, reply]
@@ -1420,7 +1336,7 @@ def post_data(cfg: CascadeConfig, ctx: Context) -> PostData:
     legacy Tekken file (sft.tekken_with_think: same ids, the two control tokens named)."""
     tok = ctx.tok
     if tok.path.endswith(".json") and "[THINK]" not in tok.specials:
-        tok = D.Tokenizer.from_file(S.tekken_with_think(tok.path, os.path.join(cfg.out, "post", "tekken.json"),
+        tok = D.Tokenizer.from_file(D.tekken_with_think(tok.path, os.path.join(cfg.out, "post", "tekken.json"),
                                                         tok.vocab_size), vocab_size=tok.vocab_size)
     recipe = post_recipe(cfg)
     pool = D.easy_math_problems(POST["pool"], seed=cfg.seed, max_operand=recipe["max_operand"], ops=recipe["ops"])
@@ -1815,18 +1731,6 @@ class CaptionLoader:
         return [x.to(ids_BT.device) for x in images]
 
 
-class WithImages:
-    """A VisionLanguageModel bound to one batch's images, callable as model(ids, **kw) like model.Transformer,
-    so distill.py's loss functions run on it unchanged."""
-
-    def __init__(self, vlm, images):
-        self.vlm, self.images = vlm, images
-        self.lm_head = vlm.language_model.lm_head
-
-    def __call__(self, ids_BT, **kw):
-        return self.vlm(ids_BT, self.images, **kw)
-
-
 def vision_loss(loader: CaptionLoader, teacher=None, cfg: Optional[DI.DistillConfig] = None):
     """train.py loss_fn: next-token CE on the captions (teacher None) or forward KL to the teacher, both
     models seeing the batch's images."""
@@ -1835,8 +1739,8 @@ def vision_loss(loader: CaptionLoader, teacher=None, cfg: Optional[DI.DistillCon
     def loss_fn(model, ids_BT, targets_BT, n_total):
         images = loader.images_for(ids_BT)
         if teacher is None:
-            return DI.ce_loss_fn(cfg)(WithImages(model, images), ids_BT, targets_BT, n_total)
-        return DI.kl_loss_fn(WithImages(teacher, images), cfg)(WithImages(model, images), ids_BT, targets_BT, n_total)
+            return DI.ce_loss_fn(cfg)(model.with_images(images), ids_BT, targets_BT, n_total)
+        return DI.kl_loss_fn(teacher.with_images(images), cfg)(model.with_images(images), ids_BT, targets_BT, n_total)
     return loss_fn
 
 

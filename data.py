@@ -904,6 +904,84 @@ class PackedLoader:
 
 
 # -----------------------------------------------------------------------------
+# Held-out text: de-duplication against the training stream, validation and test halves
+
+# Held-out text that also occurs in the training stream measures memory, not generalisation (the Python
+# corpus repeats docstrings across documents). Every held-out token covered by a DEDUP_NGRAM-token window that occurs
+# in the training tokens is dropped; what is left is re-cut into documents.
+DEDUP_NGRAM = 32
+DEDUP_MAX_TRAIN = 1 << 28  # above this many training tokens the hash table (8 B per token) is skipped
+
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every n-token window, computed in n vectorised passes (uint64 wraps)."""
+    t = np.asarray(tokens).astype(np.uint64)
+    h = np.zeros(max(0, len(t) - n + 1), dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(1_000_003) + t[j: j + len(h)]
+    return h
+
+
+def in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_unique) by binary search: O(m log n) for m held-out windows against n
+    training windows, instead of np.isin's sort of both arrays on every call."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(values), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[idx] == values
+
+
+def heldout_overlap(train: np.ndarray, held: np.ndarray, n: int) -> int:
+    """How many of the held-out stream's n-token windows (every position) occur in the training stream."""
+    if len(held) < n or len(train) < n:
+        return 0
+    return int(in_sorted(ngram_hashes(held, n), np.unique(ngram_hashes(train, n))).sum())
+
+
+def dedupe_heldout(train: np.ndarray, held: np.ndarray, n: int, bos_id: int, eos_id: int) -> tuple:
+    """Drop every held-out token inside an n-token window that also occurs in `train`; each surviving
+    run becomes a document (BOS ... EOS). Returns (tokens, record with the overlap before and after)."""
+    info = {"ngram": n, "windows": max(0, len(held) - n + 1), "tokens_before": len(held)}
+    if len(train) > DEDUP_MAX_TRAIN:
+        return held, info | {"skipped": f"more than {DEDUP_MAX_TRAIN} training tokens"}
+    train_h = np.unique(ngram_hashes(train, n))
+    info["overlap_before"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    for _ in range(4):  # re-cutting adds BOS/EOS, which could (in principle) form a new match: check again
+        if len(held) < n:
+            break
+        seen = np.flatnonzero(in_sorted(ngram_hashes(held, n), train_h))
+        if len(seen) == 0:
+            break
+        edges = np.zeros(len(held) + 1, dtype=np.int64)
+        np.add.at(edges, seen, 1)
+        np.add.at(edges, seen + n, -1)
+        keep = np.cumsum(edges[:-1]) == 0
+        bounds = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+        pieces = []
+        for a, b in zip(bounds[::2], bounds[1::2]):
+            run = held[a:b]
+            if len(run) < 2 or (len(run) == 2 and run[0] == bos_id):
+                continue
+            pieces += [run if run[0] == bos_id else np.concatenate([[bos_id], run]).astype(held.dtype)]
+            if run[-1] != eos_id:
+                pieces.append(np.array([eos_id], dtype=held.dtype))
+        held = np.concatenate(pieces) if pieces else held[:0]
+    info["tokens_after"] = len(held)
+    info["overlap_after"] = int(in_sorted(ngram_hashes(held, n), train_h).sum()) if len(held) >= n else 0
+    return held, info
+
+
+def split_in_two(held: np.ndarray, eos_id: int) -> tuple:
+    """The held-out stream cut at the document end nearest its middle: (validation, test). The validation
+    half only chooses the baseline's learning rate; every figure in the table is on the test half."""
+    ends = np.flatnonzero(held == eos_id) + 1
+    cut = int(ends[np.argmin(np.abs(ends - len(held) // 2))]) if len(ends) else len(held) // 2
+    if not 0 < cut < len(held):
+        cut = len(held) // 2
+    return held[:cut], held[cut:]
+
+
+# -----------------------------------------------------------------------------
 # Offline task data for post-training demos (deviation 6)
 
 _QA_TEMPLATES = ("What does `{}` do?", "In the Python standard library, what does `{}` do?",
@@ -997,6 +1075,81 @@ def easy_math_problems(n: int, seed: int = 0, max_operand: int = 9, ops: str = "
         a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
         out.append(dict(question=f"What is {a} {op} {b}?", answer=str({"+": a + b, "-": a - b, "*": a * b}[op])))
     return out
+
+
+def split_by_question(problems: list[dict], n_held: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held): n_held distinct questions drawn at random (seeded) are held out, one problem each, in
+    the order drawn; train keeps every problem whose question is not held out. A held-out score then
+    measures problems no training split has seen, not memorised ones (two draws may repeat a question)."""
+    questions = sorted({p["question"] for p in problems})
+    if not 0 <= n_held <= len(questions):
+        raise ValueError(f"split_by_question: n_held={n_held}, but there are {len(questions)} distinct questions")
+    random.Random(seed).shuffle(questions)
+    held_q = questions[:n_held]
+    one = {p["question"]: p for p in problems}
+    taken = set(held_q)
+    return [p for p in problems if p["question"] not in taken], [one[q] for q in held_q]
+
+
+THINK_IDS = {34: "[THINK]", 35: "[/THINK]"}  # where Ministral 3's v13 tekken.json lists them
+
+
+def tekken_with_think(src: str, dst: str, vocab_size: Optional[int] = None) -> str:
+    """A copy of a legacy (v3) tekken.json whose special-token list names [THINK]/[/THINK] at ids 34/35.
+    The shipped file has no special list and no [THINK] (deviation 3); ids 20..999 are unused
+    fillers there, so every other id keeps its meaning and a model trained on the old file reads the new
+    one unchanged. vocab_size keeps only the first ranks (deviation 2), so the copy is small.
+    Written to a temporary name, then renamed."""
+    with open(src) as f:
+        obj = json.load(f)
+    if "special_tokens" in obj:
+        raise ValueError(f"{src} already lists its special tokens: use it directly")
+    n = obj["config"].get("default_num_special_tokens", 1000)
+    if vocab_size is not None:
+        obj["vocab"] = obj["vocab"][:vocab_size - n]
+        obj["config"]["default_vocab_size"] = vocab_size
+    names = list(LEGACY_SPECIALS) + [THINK_IDS.get(i, f"<SPECIAL_{i}>") for i in range(len(LEGACY_SPECIALS), n)]
+    obj["special_tokens"] = [dict(rank=i, token_str=s, is_control=True) for i, s in enumerate(names)]
+    obj["config"]["version"] = "v13"
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, dst)
+    return dst
+
+
+_TRACES = [  # (question pattern, trace, result) for _math_problem's seven kinds
+    (r"What is \((\d+) \+ (\d+)\) \* (\d+)\?", lambda a, b, c: (f"{a} + {b} = {a + b}. {a + b} * {c} = {(a + b) * c}.",
+                                                       (a + b) * c)),
+    (r"What is (\d+) ([-+*]) (\d+)\?", None),
+    (r"What is (\d+) divided by (\d+)\?", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
+    (r"has (\d+) apples, gives away (\d+), then buys (\d+) more", lambda t, b, c: (f"{t} - {b} = {t - b}. {t - b} + {c} = "
+                                                                                   f"{t - b + c}.", t - b + c)),
+    (r"holds (\d+) pencils\. How many pencils are in (\d+) boxes", lambda a, c: (f"{a} * {c} = {a * c}.", a * c)),
+    (r"shares (\d+) marbles equally among (\d+) friends", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
+    (r"cost (\d+) dollars each\. \w+ buys (\d+) pens and pays with a (\d+) dollar note",
+     lambda p, k, b: (f"{p} * {k} = {p * k}. {b} - {p * k} = {b - p * k}.", b - p * k)),
+]
+
+
+def math_trace(question: str, answer: str) -> str:
+    """A worked step-by-step trace for a data.math_problems question (the reasoning SFT's [THINK] part),
+    checked against the answer."""
+    for pattern, fn in _TRACES:
+        m = re.search(pattern, question)
+        if m is None:
+            continue
+        if fn is None:  # a op b
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            r = {"+": a + b, "-": a - b, "*": a * b}[op]
+            trace = f"{a} {op} {b} = {r}."
+        else:
+            trace, r = fn(*(int(g) for g in m.groups()))
+        if str(r) != answer:
+            raise ValueError(f"trace for {question!r} gives {r}, the answer is {answer}")
+        return trace
+    raise ValueError(f"no trace template matches {question!r}")
 
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")

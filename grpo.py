@@ -78,7 +78,7 @@ import data as D
 import sft as S
 from generate import RolloutConfig, RolloutWeights, rollout
 from model import Transformer, load_model, read_checkpoint_args, resolve_model_path
-from train import TrainConfig, configs_from_args, train, write_json_atomic
+from train import TrainConfig, configs_from_args, rank_world, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
 # Config
@@ -352,10 +352,6 @@ def safe_rewards(reward_fn: Callable[[dict], float], samples: list[dict], log: d
 # Rollouts feeding train.py's loop
 
 
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def prompt_ids(tok, question: str) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": question}])[0]
 
@@ -392,7 +388,7 @@ class RolloutLoader:
         self.weights: Optional[RolloutWeights] = None
 
     def _prompts_for(self, step: int) -> list[int]:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         n = self.accum * self.B // self.cfg.group_size
         out = []
         for j in range(n):
@@ -405,7 +401,7 @@ class RolloutLoader:
 
     def _roll(self, step: int):
         cfg, G, tok = self.cfg, self.cfg.group_size, self.tok
-        rank, world = _rank_world()
+        rank, world = rank_world()
         idx = self._prompts_for(step)
         t0, c0 = time.perf_counter(), time.process_time()
         if self.weights is None:
@@ -551,7 +547,7 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
     train_cfg.batch_size / G prompts (global). Returns train()'s dict plus "rollouts" (per-step stats),
     "start"/"end" held-out evaluations and "reward_errors"."""
     check_config(cfg)
-    _, world = _rank_world()
+    _, world = rank_world()
     accum = train_cfg.batch_size // (train_cfg.micro_batch_size * world)
     if accum < 1 or train_cfg.batch_size % (train_cfg.micro_batch_size * world):
         raise ValueError(f"batch_size {train_cfg.batch_size} must be a multiple of micro_batch_size "
@@ -705,13 +701,13 @@ def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
             raise FileNotFoundError(f"no base model: run `python cascade.py` first (it writes {CASCADE_CHILDREN[0]}) "
                                     f"or pass --child PATH (or --policy PATH to skip SFT)")
         V = read_checkpoint_args(child)[0].vocab_size
-        tok = D.Tokenizer.from_file(S.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
+        tok = D.Tokenizer.from_file(D.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
                                     vocab_size=V)
         # 1. SFT (sft.py) on reasoning chats: [THINK] the worked step [/THINK] the number
         sft_dir = os.path.join(root, "sft")
         if not os.path.exists(os.path.join(sft_dir, "done.json")):
             convs = [[{"role": "user", "content": p["question"]},
-                      {"role": "assistant", "content": p["answer"], "thinking": S.math_trace(p["question"], p["answer"])}]
+                      {"role": "assistant", "content": p["answer"], "thinking": D.math_trace(p["question"], p["answer"])}]
                      for p in splits["sft"]]
             seq = max(len(tok.encode_chat(c)[0]) for c in convs) - 1
             scfg = TrainConfig(out_dir=sft_dir, steps=dcfg.sft_steps, batch_size=32, micro_batch_size=32, seq_len=seq,

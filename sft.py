@@ -77,7 +77,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -93,7 +92,7 @@ import data as D
 import vision as V
 from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
 from model import Transformer, flops_per_token, generate, load_model, read_checkpoint_args
-from train import (TrainConfig, build_model, configs_from_args, exit_process, setup_distributed,
+from train import (TrainConfig, build_model, configs_from_args, exit_process, rank_world, setup_distributed,
                    teardown_distributed, train, write_json_atomic)
 
 # -----------------------------------------------------------------------------
@@ -310,22 +309,9 @@ def sft_loss(student: Transformer, ids: torch.Tensor, mask: torch.Tensor, teache
     n = max(int((targets_BT != -100).sum()), 1)
     cfg = DistillConfig(temperature=temperature, chunk_size=chunk_size)
     if images is not None:
-        student = WithImages(student, images)
-        teacher = None if teacher is None else WithImages(teacher, images)
+        student = student.with_images(images)
+        teacher = None if teacher is None else teacher.with_images(images)
     return loss_fn_for(teacher, cfg)(student, inputs_BT, targets_BT, n)
-
-
-class WithImages:
-    """A multimodal model bound to one batch's images, callable as model(ids, **kw) like model.Transformer,
-    so distill.py's fused losses run on it unchanged (the VLM's forward puts the projected features in
-    place of the [IMG] embeddings and returns the text model's hidden states / head_fn result)."""
-
-    def __init__(self, vlm, images: list):
-        self.vlm, self.images, self.args = vlm, images, vlm.args
-        self.lm_head = vlm.language_model.lm_head
-
-    def __call__(self, ids_BT, **kw):
-        return self.vlm(ids_BT, self.images, **kw)
 
 
 def loss_fn_for(teacher: Optional[Transformer], cfg: DistillConfig, loader: Optional["ChatLoader"] = None
@@ -340,8 +326,8 @@ def loss_fn_for(teacher: Optional[Transformer], cfg: DistillConfig, loader: Opti
     def loss_fn(model, inputs_BT, targets_BT, n_total):
         images = loader.images_for(inputs_BT)
         if teacher is None:
-            return fn(WithImages(model, images), inputs_BT, targets_BT, n_total)
-        return kl_loss_fn(WithImages(teacher, images), cfg)(WithImages(model, images), inputs_BT, targets_BT, n_total)
+            return fn(model.with_images(images), inputs_BT, targets_BT, n_total)
+        return kl_loss_fn(teacher.with_images(images), cfg)(model.with_images(images), inputs_BT, targets_BT, n_total)
     return loss_fn
 
 
@@ -390,7 +376,7 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
                              "chats with images needs a multimodal teacher that sees the same images")
     examples, stats = encode_conversations(conversations, tok, train_cfg.seq_len + 1, sft_cfg.truncate,
                                            student.vision_args if multimodal else None)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     loader = ChatLoader(examples, train_cfg.micro_batch_size, train_cfg.seq_len, tok.pad_id, seed=train_cfg.seed,
                         rank=rank, world_size=world)
     fp8 = False
@@ -408,11 +394,6 @@ def run_sft(student: Transformer, conversations: list, tok, train_cfg: TrainConf
         if rank == 0:
             V.save_vlm(student, out["export"])
     return {**out, "data": stats, "fp8": fp8}
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -722,67 +703,6 @@ def main(argv=None) -> int:
 # -----------------------------------------------------------------------------
 # The embedded demo (PAPER.md section 8 in miniature)
 
-THINK_IDS = {34: "[THINK]", 35: "[/THINK]"}  # where Ministral 3's v13 tekken.json lists them
-
-
-def tekken_with_think(src: str, dst: str, vocab_size: Optional[int] = None) -> str:
-    """A copy of a legacy (v3) tekken.json whose special-token list names [THINK]/[/THINK] at ids 34/35.
-    The shipped file has no special list and no [THINK] (data.py deviation 3); ids 20..999 are unused
-    fillers there, so every other id keeps its meaning and a model trained on the old file reads the new
-    one unchanged. vocab_size keeps only the first ranks (data.py deviation 2), so the copy is small.
-    Written to a temporary name, then renamed."""
-    with open(src) as f:
-        obj = json.load(f)
-    if "special_tokens" in obj:
-        raise ValueError(f"{src} already lists its special tokens: use it directly")
-    n = obj["config"].get("default_num_special_tokens", 1000)
-    if vocab_size is not None:
-        obj["vocab"] = obj["vocab"][:vocab_size - n]
-        obj["config"]["default_vocab_size"] = vocab_size
-    names = list(D.LEGACY_SPECIALS) + [THINK_IDS.get(i, f"<SPECIAL_{i}>") for i in range(len(D.LEGACY_SPECIALS), n)]
-    obj["special_tokens"] = [dict(rank=i, token_str=s, is_control=True) for i, s in enumerate(names)]
-    obj["config"]["version"] = "v13"
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, dst)
-    return dst
-
-
-_TRACES = [  # (question pattern, trace, result) for data._math_problem's seven kinds
-    (r"What is \((\d+) \+ (\d+)\) \* (\d+)\?", lambda a, b, c: (f"{a} + {b} = {a + b}. {a + b} * {c} = {(a + b) * c}.",
-                                                       (a + b) * c)),
-    (r"What is (\d+) ([-+*]) (\d+)\?", None),
-    (r"What is (\d+) divided by (\d+)\?", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
-    (r"has (\d+) apples, gives away (\d+), then buys (\d+) more", lambda t, b, c: (f"{t} - {b} = {t - b}. {t - b} + {c} = "
-                                                                                   f"{t - b + c}.", t - b + c)),
-    (r"holds (\d+) pencils\. How many pencils are in (\d+) boxes", lambda a, c: (f"{a} * {c} = {a * c}.", a * c)),
-    (r"shares (\d+) marbles equally among (\d+) friends", lambda x, c: (f"{x} / {c} = {x // c}.", x // c)),
-    (r"cost (\d+) dollars each\. \w+ buys (\d+) pens and pays with a (\d+) dollar note",
-     lambda p, k, b: (f"{p} * {k} = {p * k}. {b} - {p * k} = {b - p * k}.", b - p * k)),
-]
-
-
-def math_trace(question: str, answer: str) -> str:
-    """A worked step-by-step trace for a data.math_problems question (the reasoning SFT's [THINK] part),
-    checked against the answer."""
-    for pattern, fn in _TRACES:
-        m = re.search(pattern, question)
-        if m is None:
-            continue
-        if fn is None:  # a op b
-            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-            r = {"+": a + b, "-": a - b, "*": a * b}[op]
-            trace = f"{a} {op} {b} = {r}."
-        else:
-            trace, r = fn(*(int(g) for g in m.groups()))
-        if str(r) != answer:
-            raise ValueError(f"trace for {question!r} gives {r}, the answer is {answer}")
-        return trace
-    raise ValueError(f"no trace template matches {question!r}")
-
-
 def demo_items(tok, max_tokens: int, n_math: int, n_qa: int, held_math: int, held_qa: int) -> dict:
     """Reasoning chats on arithmetic (a [THINK] trace, then the number) and plain docstring Q/A, split into
     train and held-out items; Q/A longer than max_tokens are left out (counted)."""
@@ -793,9 +713,9 @@ def demo_items(tok, max_tokens: int, n_math: int, n_qa: int, held_math: int, hel
     def chat_of(it, think):
         answer = {"role": "assistant", "content": it["answer"]}
         if think and has_think:
-            answer["thinking"] = math_trace(it["question"], it["answer"])
+            answer["thinking"] = D.math_trace(it["question"], it["answer"])
         elif think:  # ChatML (the real SmolLM2) has no thinking tokens: the trace goes before the answer
-            answer["content"] = f"{math_trace(it['question'], it['answer'])} Answer: {it['answer']}"
+            answer["content"] = f"{D.math_trace(it['question'], it['answer'])} Answer: {it['answer']}"
         return [{"role": "user", "content": it["question"]}, answer]
 
     fits = [it for it in qa if len(tok.encode_chat(chat_of(it, False))[0]) <= max_tokens]
@@ -851,7 +771,7 @@ def demo(run: "SFTRun", scfg: SFTConfig) -> int:
         tok = D.Tokenizer.from_file(parent_dir)  # the GGUF's own tokenizer (ChatML)
     else:
         V = read_checkpoint_args(parent_dir)[0].vocab_size
-        tok = D.Tokenizer.from_file(tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
+        tok = D.Tokenizer.from_file(D.tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
                                     vocab_size=V)
     seq = run.demo_seq_len
     items = demo_items(tok, seq + 1, run.demo_math, run.demo_qa, run.demo_held_math, run.demo_held_qa)

@@ -68,9 +68,12 @@ import json
 import math
 import os
 import pickle
+import platform
 import random
 import re
+import resource
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -258,7 +261,8 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size): the process group's, or (0, 1) without torchrun."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -279,7 +283,7 @@ def _all_reduce_sum(x: float, device) -> float:
 
 
 def _print0(*a):
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         print(*a, flush=True)
 
 
@@ -305,7 +309,7 @@ def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, F
         code = main()
         return 0 if code is None else int(code)
     except BaseException as e:  # noqa: BLE001 (SystemExit and KeyboardInterrupt leave the same way)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         tag = f"[rank {rank}/{world}] " if world > 1 else ""
         if isinstance(e, SystemExit):
             code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
@@ -334,7 +338,7 @@ def run_main(main: Callable[[], Optional[int]], expected: tuple = (ValueError, F
 def _use_fsdp(cfg: TrainConfig) -> bool:
     if cfg.fsdp not in ("auto", "always", "never"):
         raise ValueError(f"TrainConfig.fsdp must be auto, always or never, got {cfg.fsdp!r}")
-    world = _rank_world()[1]
+    world = rank_world()[1]
     if cfg.fsdp == "never" and world > 1:
         raise ValueError(f"fsdp='never' with world size {world} would train {world} unsynchronised copies: "
                          f"use --fsdp auto")
@@ -375,7 +379,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, device: torch.device, trai
         for layer in model.layers:
             layer.compile()  # in place: no `_orig_mod.` in the state dict
     if shard:
-        mesh = init_device_mesh(device.type, (_rank_world()[1],))
+        mesh = init_device_mesh(device.type, (rank_world()[1],))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if train else MixedPrecisionPolicy()
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -466,6 +470,36 @@ def mfu(tokens_per_s: float, flops_per_token: float, device, dtype: str = "bf16"
     return None if peak is None else tokens_per_s * flops_per_token / peak
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: the cost of a run on a shared
+    machine, where wall time depends on the neighbours."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def git_commit(short: bool = True) -> Optional[str]:
+    """The commit of the code that runs (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_record(**extra) -> dict:
+    """The header of every record (results, benchmarks, experiments): where and how it was made. Date,
+    device, CPU count and torch threads, torch version, git commit, the exact command, this process's CPU
+    seconds so far (children included) and the 1-minute load average (wall time on a shared machine is
+    inflated; CPU time beside it is the steadier figure). `extra` is merged in last."""
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else platform.processor() or platform.machine())
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
+            "command": "python " + " ".join(sys.argv), "cpu_seconds_so_far": round(cpu_seconds(), 1),
+            "loadavg": round(os.getloadavg()[0], 2), **extra}
+
+
 def _fmt_duration(s: float) -> str:
     s = int(s)
     if s >= 3600:
@@ -520,7 +554,7 @@ def _app_state(model, opt) -> dict:
 def save_checkpoint(out_dir: str, step: int, model, opt, cfg: TrainConfig) -> str:
     """DCP checkpoint out_dir/ckpt/step_XXXXXX, written to a temporary folder and renamed; then the
     `latest` pointer is replaced atomically and all but the newest `keep_checkpoints` are removed."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -579,7 +613,7 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig) -> int:
     """Restore model, optimizer and this rank's RNG from a checkpoint folder; returns the step to resume at.
     Refuses a checkpoint written for another model shape, world size, batch size, sequence length or
     seed, or (unless cfg.resume_schedule_change) another schedule: steps, lr, warmup, cosine floor."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     ours = dataclasses.asdict(model.args)
@@ -615,7 +649,7 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig) -> int:
 def export(model: Transformer, path: str, dtype=None, extra_files: Optional[dict] = None) -> None:
     """Hugging Face checkpoint of the (possibly FSDP-sharded) model. Sharded: every rank joins the gather of
     the full state dict (offloaded to CPU), rank 0 writes. Collective: call on all ranks."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     sd = None
     if is_sharded(model):
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -706,7 +740,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
     [{step, loss, lr, grad_norm, tokens_per_s}], "evals": [{step, eval}], "export": path or None}.
     Raises TrainingDiverged on a non-finite loss or gradient norm, before the optimizer step.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     device = torch.device(device)
     accum = grad_accum_steps(cfg, world)
     _compute_dtype(cfg)

@@ -441,6 +441,24 @@ class VisionLanguageModel(nn.Module):
         """kw goes to model.Transformer.forward (positions_BT, mask_BTS, return_hidden, head_fn, ...)."""
         return self.language_model(ids_BT, embeds_BTD=self.embed(ids_BT, images), **kw)
 
+    def with_images(self, images: list[torch.Tensor]) -> "WithImages":
+        """This model bound to one batch's images (see WithImages)."""
+        return WithImages(self, images)
+
+
+class WithImages:
+    """A VisionLanguageModel bound to one batch's images, callable as model(ids, **kw) like model.Transformer,
+    so code written for a text model (distill.py's fused losses, which read `.lm_head` and call the model
+    with head_fn) runs on it unchanged: the forward puts the projected features in place of the [IMG]
+    embeddings and returns what the text model returns."""
+
+    def __init__(self, vlm: VisionLanguageModel, images: list[torch.Tensor]):
+        self.vlm, self.images, self.args = vlm, images, vlm.args
+        self.lm_head = vlm.language_model.lm_head
+
+    def __call__(self, ids_BT: torch.Tensor, **kw):
+        return self.vlm(ids_BT, self.images, **kw)
+
 
 @torch.no_grad()
 def greedy(vlm: VisionLanguageModel, ids: list[int], images: list[torch.Tensor], max_new_tokens: int,

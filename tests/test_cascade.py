@@ -226,12 +226,12 @@ def test_heldout_dedupe_removes_every_shared_window():
     train = rng.integers(10, 500, 5000).astype(np.uint32)
     fresh = rng.integers(10, 500, 300).astype(np.uint32)
     held = np.concatenate([[1], fresh[:100], train[1000:1100], fresh[100:], [2]]).astype(np.uint32)
-    assert C.heldout_overlap(train, held, 32) == 100 - 31
-    kept, info = C.dedupe_heldout(train, held, 32, bos_id=1, eos_id=2)
-    assert info["overlap_before"] == 69 and info["overlap_after"] == 0 == C.heldout_overlap(train, kept, 32)
+    assert D.heldout_overlap(train, held, 32) == 100 - 31
+    kept, info = D.dedupe_heldout(train, held, 32, bos_id=1, eos_id=2)
+    assert info["overlap_before"] == 69 and info["overlap_after"] == 0 == D.heldout_overlap(train, kept, 32)
     # the fresh text around the copied span survives (each run cut back by less than the window)
     assert len(kept) >= 300 - 2 * 31 and set(fresh[:60].tolist()) <= set(kept.tolist())
-    val, test = C.split_in_two(kept, eos_id=2)
+    val, test = D.split_in_two(kept, eos_id=2)
     assert len(val) + len(test) == len(kept) and val[-1] == 2
 
 
@@ -347,8 +347,8 @@ def test_shard_folder_stays_lazy_and_its_heldout_tail_is_deduplicated(tmp_path):
     assert isinstance(train, D.ShardedTokens) and np.array_equal(np.asarray(train), toks[:len(train)])
     for half in (val, test):
         assert isinstance(half, np.ndarray) and len(half) > 0 and len(C.hashlib.sha1(half.tobytes()).hexdigest()) == 40
-    assert info["overlap_before"] == 300 - C.DEDUP_NGRAM + 1 and info["overlap_after"] == 0
-    assert C.heldout_overlap(np.asarray(train), np.concatenate([val, test]), C.DEDUP_NGRAM) == 0
+    assert info["overlap_before"] == 300 - D.DEDUP_NGRAM + 1 and info["overlap_after"] == 0
+    assert D.heldout_overlap(np.asarray(train), np.concatenate([val, test]), D.DEDUP_NGRAM) == 0
     # nothing to drop (no re-cut): the halves are still arrays in memory, cut at a document end
     D.write_shards(np.concatenate(docs).astype(np.uint32), tmp_path / "clean", tok, shard_tokens=10000)
     cfg = dataclasses.replace(cfg, data=str(tmp_path / "clean"))
@@ -508,7 +508,7 @@ def test_in_sorted_equals_isin_on_random_values():
         table = np.unique(rng.integers(0, 2**63, n_table, dtype=np.uint64))
         values = np.concatenate([rng.choice(table, 50) if len(table) else table, rng.integers(0, 2**63, 50, dtype=np.uint64),
                                  np.array([0, 2**64 - 1], dtype=np.uint64)])
-        assert np.array_equal(C.in_sorted(values, table), np.isin(values, table))
+        assert np.array_equal(D.in_sorted(values, table), np.isin(values, table))
 
 
 def test_the_baseline_sweep_matters_only_to_a_run_with_a_baseline(tmp_path):

@@ -353,7 +353,7 @@ FAIL_WORKER = textwrap.dedent('''
     real_rng_state = T._rng_state
 
     def failing_rng_state():  # called by every rank while it writes its checkpoint files
-        if T._rank_world()[0] == fail_rank:
+        if T.rank_world()[0] == fail_rank:
             raise ValueError(f"injected failure on rank {fail_rank}")
         return real_rng_state()
 

@@ -38,7 +38,7 @@ def make(args=TINY, seed=0):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = tmp_path_factory.mktemp("tk") / "tekken.json"
-    return D.Tokenizer.from_file(S.tekken_with_think(D.default_tekken_path(), str(path), V), vocab_size=V)
+    return D.Tokenizer.from_file(D.tekken_with_think(D.default_tekken_path(), str(path), V), vocab_size=V)
 
 
 CHATS = [
@@ -295,10 +295,10 @@ def test_chat_mode_talks_to_a_checkpoint(tok, tmp_path):
 
 def test_math_traces_are_correct_worked_steps():
     for it in D.math_problems(300, seed=5):
-        trace = S.math_trace(it["question"], it["answer"])
+        trace = D.math_trace(it["question"], it["answer"])
         assert D.check_math_answer(trace, it["answer"])  # the trace's last number is the answer
     with pytest.raises(ValueError, match="gives 13, the answer is 12"):
-        S.math_trace("What is 6 + 7?", "12")
+        D.math_trace("What is 6 + 7?", "12")
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""Test helpers shared by the training tests and their subprocess workers: a learnable synthetic token
-stream with data.PackedLoader's contract, and a plain next-token cross-entropy (train.py owns no loss)."""
+"""Test helpers shared by the tests (mechanisms' and experiments') and their subprocess workers: a learnable
+synthetic token stream with data.PackedLoader's contract, a plain next-token cross-entropy (train.py owns no
+loss), and the one_thread fixture."""
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +44,14 @@ class CycleLoader:
 def ce_loss(model, x, y, n_total):
     return model(x, head_fn=lambda h, W: F.cross_entropy(
         F.linear(h, W).flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum") / n_total)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and when another process holds one of 2 cores,
+    OpenMP's spin-waits cost milliseconds per op (seen: a 15 s cascade took 200 s). Results do not
+    depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
