@@ -175,7 +175,7 @@ SUITES = {
     "prune": lambda device: _from_benchmarks("prune_bench", "bench_prune")(device=device),
     "tokenizer": lambda device: _from_benchmarks("tokenizer_bench", "bench_tokenizer")(),
     "vision": lambda device: _from_benchmarks("vision_bench", "bench_vision")(device=device),
-    "real": lambda device: _from_benchmarks("real_bench", "bench_real")(device=device),  # SmolLM2 GGUF (issue 11)
+    "real": lambda device: _from_benchmarks("real_bench", "bench_real")(device=device),  # the real SmolLM2 parent (a fetched GGUF)
 }
 
 

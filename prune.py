@@ -544,12 +544,11 @@ def retie_embeddings(model: Transformer, policy: str = "mean", chunk_rows: int =
     "mean" (default): the shared matrix is T = (E + a H diag(w)) / 2, the average of the embedding and the
     head with the final-norm weight w folded in, a = ||E|| / ||H diag(w)|| giving both halves the same
     weight, and the final-norm weight becomes 1/a, so the logits are (h E^T / a + h diag(w) H^T) / 2: half
-    the parent's logits plus a term unrelated to them. (Measured on the demo, a per-dimension
-    least-squares fit of the norm weight instead, or 2/a, start and end worse.) Neither side is exact, but
-    neither is lost: an untied parent's E and H are nearly unrelated (measured on the embedded demo's
-    trained parent: relative error 0.9999 when one stands in for the other), so keeping only one of them
-    starts the child near a uniform guess, while the mean starts it at half the KL and distils to a 7x
-    lower KL in the same steps (README, "What the embedded demo shows").
+    the parent's logits plus a term unrelated to them (a per-dimension least-squares fit of the norm
+    weight instead, or 2/a, started and ended worse on the demo). Neither side is exact, but neither is
+    lost: an untied parent's E and H are nearly unrelated, so keeping only one of them starts the child
+    near a uniform guess, while the mean starts it at about half the KL and distils it lower in the same
+    steps (the figures are in benchmarks/README.md, "Measurements behind code choices").
     "embedding": the shared matrix is the embedding E, so everything up to the final norm is
     exactly the untied model. The head H is fitted through the only free per-dimension scale, the
     final-norm weight w: w'_j = w_j <E_j, H_j> / ||E_j||^2 over columns j, the least-squares choice of

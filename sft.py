@@ -26,13 +26,10 @@ are trained by SFT):
             name="sft") -> dict   (train.train's result dict, plus "data": the encoding stats)
     read_conversations(path, on_bad_line="stop", tok=None) -> (conversations, [(line number, reason)])
         image parts {"type": "image", "path": P} or {"type": "image", "image": P}: P relative to the file
-    answer_eval(model, tok, items, check=exact_match, max_new_tokens=64, batch_size=32, loop_min_tokens=64)
-        -> {accuracy, endless_rate, loop_rate, mean_new_tokens, samples}   (model.generate, greedy)
-    eval_loss(model, examples, pad_id, teacher=None) -> float;  loop_period(tokens, min_tokens=64) -> P or None
     FP8: quantize_e4m3(x) -> (x_fp8, inv_scale), fp8_linear_reference, FP8Linear, convert_to_fp8(model, device)
 
 Sections: config, data (jsonl, encoding, batching, the loader), the loss, the training entry point,
-FP8 linears, evaluation by generation, the demo, the command line (train, demo, --chat).
+FP8 linears, the command line (train, --chat).
 
 Deviations from the paper / choices where it is silent:
  1. One conversation per row, right-padded to the row length (no packing across conversations, so no
@@ -52,19 +49,15 @@ Deviations from the paper / choices where it is silent:
     (requires_grad False, run without grad, checked before training), the projector trains, and the text
     model trains too unless `--no-train-text` (projector only). A teacher VLM sees the same images.
     train.py's loop moves token tensors only, so ChatLoader keeps each batch's images in a FIFO that the
-    loss reads, checked to belong to exactly those ids (as cascade.py's --vision demo does). Image paths
+    loss reads, checked to belong to exactly those ids (as experiments/vision_cascade.py does). Image paths
     in jsonl are opened once while reading (a bad one stops at its line) and again when encoding. A
     conversation cut by --truncate must keep all its image tokens. `--vision` loads multimodal
     checkpoints (vision.load_vlm) and exports with vision.save_vlm.
- 6. Loop / endless-generation detection (PAPER.md section 8, ours): a response that hits the token
-    cap without `</s>` is "endless"; one whose tail repeats a period of P <= 32 tokens at least 4 times
-    over at least `loop_min_tokens` tokens is "looping" (64 in PAPER.md; the demo caps answers at 64
-    tokens, so it uses 24 there, or no loop could ever be seen).
 
 Run: `python sft.py --data chats.jsonl --student CKPT [--teacher CKPT] --out DIR` (SFT, KL when a
-teacher is given); `python sft.py --demo` (the embedded demo, needs `python cascade.py` first; with
-`--parent X.gguf` the real SmolLM2 parent, plain SFT only); `python sft.py --chat CKPT` (talk to a
-checkpoint). `python -m pytest tests/test_sft.py -q`; `python benchmarks/sft_bench.py` (bf16 vs FP8 step).
+teacher is given); `python sft.py --chat CKPT` (talk to a checkpoint); `python experiments/sft_demo.py`
+(plain SFT against distillation SFT on the embedded cascade's parent and child).
+`python -m pytest tests/test_sft.py -q`; `python benchmarks/sft_bench.py` (bf16 vs FP8 step).
 Depends on: model.py, data.py, distill.py, train.py, vision.py (multimodal SFT only: image preprocessing
 for jsonl image paths, load_vlm/save_vlm for --vision; the loss and loader take any model whose forward
 takes images, so the training code itself needs nothing from it).
@@ -76,10 +69,8 @@ import collections
 import dataclasses
 import json
 import os
-import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -91,9 +82,9 @@ import torch.nn.functional as F
 import data as D
 import vision as V
 from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
-from model import Transformer, flops_per_token, generate, load_model, read_checkpoint_args
+from model import Transformer, flops_per_token, generate, load_model
 from train import (TrainConfig, build_model, configs_from_args, exit_process, rank_world, setup_distributed,
-                   teardown_distributed, train, write_json_atomic)
+                   teardown_distributed, train)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -106,7 +97,6 @@ class SFTConfig:
     truncate: bool = False  # cut conversations longer than seq_len + 1 tokens instead of refusing them
     on_bad_line: str = "stop"  # malformed jsonl line: "stop" (error naming the line) or "skip" (report, go on)
     fp8: bool = False  # float8 e4m3 forward for the block linears (section 8); bf16 where unsupported
-    loop_min_tokens: int = 64  # loop detection: the repeated tail must span at least this many tokens
     train_text: bool = True  # multimodal student: train the text model beside the projector (no: projector only)
 
 
@@ -492,89 +482,7 @@ def convert_to_fp8(model: Transformer, device) -> int:
 
 
 # -----------------------------------------------------------------------------
-# Evaluation by generation (model.py's cached generation)
-
-
-def loop_period(tokens: list, min_tokens: int = 64, max_period: int = 32, min_repeats: int = 4) -> Optional[int]:
-    """The smallest period P <= max_period such that the tail of `tokens` repeats P-token blocks at least
-    min_repeats times over at least min_tokens tokens (PAPER.md section 8, ours); None if there is none."""
-    n = len(tokens)
-    for P in range(1, max_period + 1):
-        run = 0  # length of the tail that equals itself shifted by P
-        while run < n - P and tokens[n - 1 - run] == tokens[n - 1 - run - P]:
-            run += 1
-        span = run + P  # the periodic tail, counting its first period
-        if span >= max(min_tokens, min_repeats * P):
-            return P
-    return None
-
-
-def prompt_ids(tok, question: str) -> list:
-    """`<s>[INST]question[/INST]`: a conversation ending in a user turn is a generation prompt."""
-    return tok.encode_chat([{"role": "user", "content": question}])[0]
-
-
-def final_answer(text: str) -> str:
-    """The part after the last [/THINK] (the reasoning trace does not count), stripped."""
-    return text.rsplit("[/THINK]", 1)[-1].strip()
-
-
-def exact_match(text: str, answer: str) -> bool:
-    return final_answer(text) == answer.strip()
-
-
-@torch.no_grad()
-def answer_eval(model: Transformer, tok, items: list, check: Callable = exact_match, max_new_tokens: int = 64,
-                batch_size: int = 32, loop_min_tokens: int = 64, keep: int = 3, temperature: float = 0.0,
-                seed: int = 0) -> dict:
-    """Answers to items [{question, answer}] with model.generate (greedy, or sampled at `temperature`):
-    exact-answer accuracy (check(text, answer)), the share that hit max_new_tokens without </s>
-    ("endless") and that end in a loop, the mean length, and the first `keep` samples."""
-    was = model.training
-    model.eval()
-    correct = endless = loops = n_tok = 0
-    samples = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        outs = generate(model, [prompt_ids(tok, it["question"]) for it in chunk], max_new_tokens,
-                        temperature=temperature, eos_id=tok.eos_id, seed=seed + i)
-        for it, out in zip(chunk, outs):
-            stopped = bool(out) and out[-1] == tok.eos_id
-            text = tok.decode(out[:-1] if stopped else out, special="keep")
-            ok = bool(check(text, it["answer"]))
-            correct += ok
-            endless += not stopped
-            loops += loop_period(out, min_tokens=loop_min_tokens) is not None
-            n_tok += len(out)
-            if len(samples) < keep:
-                samples.append({"question": it["question"], "answer": it["answer"], "output": text, "correct": ok})
-    model.train(was)
-    n = max(len(items), 1)
-    return {"n": len(items), "accuracy": correct / n, "endless_rate": endless / n, "loop_rate": loops / n,
-            "mean_new_tokens": n_tok / n, "samples": samples}
-
-
-@torch.no_grad()
-def eval_loss(model: Transformer, examples: list, pad_id: int, teacher: Optional[Transformer] = None,
-              batch_size: int = 16) -> float:
-    """Held-out sft_loss, weighted by assistant targets over all examples (CE, or KL with a teacher)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        rows = examples[i:i + batch_size]
-        ids, mask = chat_batch(rows, pad_id)
-        dev = next(model.parameters()).device
-        n = int(mask[:, 1:].sum())
-        images = [x.to(dev) for r in rows for x in r[2]] if len(rows[0]) == 3 else None
-        total += float(sft_loss(model, ids.to(dev), mask.to(dev), teacher, images=images)) * n
-        count += n
-    model.train(was)
-    return total / max(count, 1)
-
-
-# -----------------------------------------------------------------------------
-# Command line: train, the demo, terminal chat
+# Command line: train, terminal chat
 
 
 @dataclass
@@ -585,21 +493,6 @@ class SFTRun:
     tokenizer: Optional[str] = None  # tekken.json or a folder holding one; None = the student's, else shipped
     chat: Optional[str] = None  # checkpoint folder: talk to it in the terminal instead of training
     vision: bool = False  # --student/--teacher are multimodal checkpoints (vision.load_vlm); chats may hold images
-    demo: bool = False  # the embedded demo (needs `python cascade.py` first)
-    cascade: str = "runs/cascade"  # demo: where cascade.py wrote its stages
-    parent: Optional[str] = None  # demo: the parent checkpoint (default CASCADE/parent/model); a .gguf = the real model
-    child: Optional[str] = None  # demo: the child (default: the smallest size's base, CASCADE/<size>/long/model)
-    demo_out: str = "runs/sft_demo"  # demo: stages, results.json, table.md
-    demo_steps: int = 120  # demo: optimizer steps per SFT stage (16 chats each)
-    demo_lr: float = 1e-3  # demo: peak learning rate
-    demo_seq_len: int = 128  # demo: row length
-    demo_batch: int = 16  # demo: chats per optimizer step
-    demo_new_tokens: int = 64  # demo: generation cap per held-out answer (hitting it = "endless")
-    demo_child: bool = True  # demo: also SFT the child (--no-demo-child: the parent's stages only)
-    demo_math: int = 800  # demo: training arithmetic problems (with [THINK] traces)
-    demo_qa: int = 400  # demo: training docstring Q/A pairs
-    demo_held_math: int = 100  # demo: held-out arithmetic problems
-    demo_held_qa: int = 50  # demo: held-out Q/A pairs
     max_new_tokens: int = 256  # per reply in --chat
     chat_temperature: float = 0.7  # sampling temperature in --chat (0 = greedy)
     top_p: float = 0.95  # nucleus in --chat
@@ -665,10 +558,8 @@ def main(argv=None) -> int:
                                         f"folder sft.py exported (OUT/model)")
             chat(run.chat, run)
             return 0
-        if run.demo:
-            return demo(run, scfg)
         if not run.data:
-            raise ValueError("nothing to do: pass --data CHATS.jsonl --student CKPT (or --demo, or --chat CKPT)")
+            raise ValueError("nothing to do: pass --data CHATS.jsonl --student CKPT (or --chat CKPT)")
         for flag, path in (("--student", run.student), ("--teacher", run.teacher)):
             if path is not None and not os.path.isdir(path):
                 raise FileNotFoundError(f"{flag} {path!r} is not a checkpoint folder (HF or Mistral-native)")
@@ -698,159 +589,6 @@ def main(argv=None) -> int:
     finally:
         teardown_distributed()
     return 0
-
-
-# -----------------------------------------------------------------------------
-# The embedded demo (PAPER.md section 8 in miniature)
-
-def demo_items(tok, max_tokens: int, n_math: int, n_qa: int, held_math: int, held_qa: int) -> dict:
-    """Reasoning chats on arithmetic (a [THINK] trace, then the number) and plain docstring Q/A, split into
-    train and held-out items; Q/A longer than max_tokens are left out (counted)."""
-    math = D.math_problems(n_math + held_math, seed=0)
-    qa = D.qa_pairs(n_qa + held_qa + n_qa // 4, seed=0)
-    has_think = "[THINK]" in getattr(tok, "specials", ())
-
-    def chat_of(it, think):
-        answer = {"role": "assistant", "content": it["answer"]}
-        if think and has_think:
-            answer["thinking"] = D.math_trace(it["question"], it["answer"])
-        elif think:  # ChatML (the real SmolLM2) has no thinking tokens: the trace goes before the answer
-            answer["content"] = f"{D.math_trace(it['question'], it['answer'])} Answer: {it['answer']}"
-        return [{"role": "user", "content": it["question"]}, answer]
-
-    fits = [it for it in qa if len(tok.encode_chat(chat_of(it, False))[0]) <= max_tokens]
-    if len(fits) < n_qa + held_qa:
-        raise ValueError(f"only {len(fits)} Q/A pairs fit in {max_tokens} tokens; lower --demo-qa")
-    qa_train, qa_held = fits[:n_qa], fits[n_qa:n_qa + held_qa]
-    m_train, m_held = math[:n_math], math[n_math:]
-    convs = [chat_of(it, True) for it in m_train] + [chat_of(it, False) for it in qa_train]
-    random.Random(0).shuffle(convs)
-    held_convs = [chat_of(it, True) for it in m_held] + [chat_of(it, False) for it in qa_held]
-    return {"train": convs, "math_held": m_held, "qa_held": qa_held, "held_convs": held_convs,
-            "qa_left_out_long": len(qa) - len(fits)}
-
-
-def demo_measure(model, tok, items: dict, held_examples: list, teacher=None, loop_min_tokens: int = 24,
-                 max_new_tokens: int = 64) -> dict:
-    """Held-out loss (assistant tokens, CE), KL to the teacher, and greedy answers (math, Q/A)."""
-    t0, c0 = time.time(), time.process_time()
-    math = answer_eval(model, tok, items["math_held"], D.check_math_answer, max_new_tokens,
-                       loop_min_tokens=loop_min_tokens)
-    qa = answer_eval(model, tok, items["qa_held"], exact_match, max_new_tokens, loop_min_tokens=loop_min_tokens)
-    sampled = {k: answer_eval(model, tok, items[f"{k}_held"], D.check_math_answer if k == "math" else exact_match,
-                              max_new_tokens, loop_min_tokens=loop_min_tokens, temperature=0.7, seed=1)
-               for k in ("math", "qa")}  # T = 0.7, online DPO's sampling temperature (section 8)
-    out = {"held_out_ce": eval_loss(model, held_examples, tok.pad_id), "math": math, "qa": qa,
-           "math_t0.7": sampled["math"], "qa_t0.7": sampled["qa"]}
-    if teacher is not None:
-        out["held_out_kl_to_teacher"] = eval_loss(model, held_examples, tok.pad_id, teacher)
-    out["eval_wall_s"], out["eval_cpu_s"] = time.time() - t0, time.process_time() - c0
-    return out
-
-
-def demo(run: "SFTRun", scfg: SFTConfig) -> int:
-    """PAPER.md section 8 in miniature: SFT the cascade's parent on reasoning arithmetic + docstring Q/A (CE),
-    then its smallest child twice, by plain SFT (CE) and by distillation from the SFT-ed parent (KL);
-    held-out accuracy, loss and loop/endless rates before and after, into <out>/results.json."""
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    parent_dir = run.parent or os.path.join(run.cascade, "parent", "model")
-    child_dir = run.child
-    real = parent_dir.endswith(".gguf")  # the real parent (SmolLM2-135M-Instruct): no cascade child by default
-    if child_dir is None and not real and run.demo_child:
-        sizes = [s for s in ("3b", "8b", "14b") if os.path.isdir(os.path.join(run.cascade, s, "long", "model"))]
-        child_dir = os.path.join(run.cascade, sizes[0], "long", "model") if sizes else ""
-    for what, path in (("parent", parent_dir), ("child", child_dir)):
-        if path is None or (path.endswith(".gguf") and os.path.isfile(path)):
-            continue
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no {what} checkpoint at {path!r}: run `python cascade.py` first (or pass "
-                                    f"--cascade DIR / --parent / --child)")
-    out = run.demo_out
-    os.makedirs(out, exist_ok=True)
-    if real:
-        tok = D.Tokenizer.from_file(parent_dir)  # the GGUF's own tokenizer (ChatML)
-    else:
-        V = read_checkpoint_args(parent_dir)[0].vocab_size
-        tok = D.Tokenizer.from_file(D.tekken_with_think(D.default_tekken_path(), os.path.join(out, "tekken.json"), V),
-                                    vocab_size=V)
-    seq = run.demo_seq_len
-    items = demo_items(tok, seq + 1, run.demo_math, run.demo_qa, run.demo_held_math, run.demo_held_qa)
-    held, _ = encode_conversations(items["held_convs"], tok, seq + 1)
-    results = {"config": {"run": dataclasses.asdict(run), "sft": dataclasses.asdict(scfg), "parent": parent_dir,
-                          "child": child_dir, "train_conversations": len(items["train"]),
-                          "qa_left_out_long": items["qa_left_out_long"], "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                          "loop_min_tokens": 24, "max_new_tokens": run.demo_new_tokens},
-               "models": {}}
-
-    def stage(name, init_dir, teacher_model, lr):
-        """Train (or reuse a finished) SFT stage; returns the trained model and train()'s summary."""
-        stage_dir = os.path.join(out, name)
-        done = os.path.join(stage_dir, "done.json")
-        if os.path.exists(done):
-            with open(done) as f:
-                return load_model(os.path.join(stage_dir, "model"), dtype=torch.float32), json.load(f)
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        tcfg = TrainConfig(out_dir=stage_dir, steps=run.demo_steps, batch_size=run.demo_batch,
-                           micro_batch_size=run.demo_batch, seq_len=seq,
-                           lr=lr, warmup_steps=max(1, run.demo_steps // 10), dtype="fp32", log_every=10,
-                           seed=0, export=True)
-        model = load_model(init_dir, dtype=torch.float32)
-        t0, c0 = time.time(), time.process_time()
-        r = run_sft(model, items["train"], tok, tcfg, scfg, teacher_model, device="cpu", name=name)
-        info = {"steps": run.demo_steps, "lr": lr, "teacher": teacher_model is not None, "wall_s": time.time() - t0,
-                "cpu_s": time.process_time() - c0, "first_loss": r["history"][0]["loss"],
-                "last_loss": r["history"][-1]["loss"], "data": r["data"]}
-        if tok.path.endswith(".json"):  # a GGUF tokenizer stays where it is: pass --tokenizer to --chat
-            shutil.copyfile(tok.path, os.path.join(stage_dir, "model", "tekken.json"))
-        write_json_atomic(done, info)
-        return model, info
-
-    def record(name, model, teacher=None, info=None):
-        m = demo_measure(model, tok, items, held, teacher, max_new_tokens=run.demo_new_tokens)
-        results["models"][name] = {**m, **({"train": info} if info else {})}
-        print(f"[demo] {name}: math {m['math']['accuracy']:.1%} qa {m['qa']['accuracy']:.1%} "
-              f"CE {m['held_out_ce']:.3f} endless {m['math']['endless_rate']:.1%} loop {m['math']['loop_rate']:.1%}",
-              flush=True)
-        write_json_atomic(os.path.join(out, "results.json"), results)
-
-    parent0 = load_model(parent_dir, dtype=torch.float32)
-    record("parent (before SFT)", parent0)
-    del parent0
-    parent1, info = stage("parent_sft", parent_dir, None, run.demo_lr)
-    record("parent SFT (CE)", parent1, info=info)
-    if child_dir is not None:
-        record("child (cascade, before SFT)", load_model(child_dir, dtype=torch.float32), teacher=parent1)
-    if child_dir is None:
-        write_demo_table(results, os.path.join(out, "table.md"))
-        print(open(os.path.join(out, "table.md")).read())
-        return 0
-    child_ce, info = stage("child_sft_ce", child_dir, None, run.demo_lr)
-    record("child plain SFT (CE)", child_ce, teacher=parent1, info=info)
-    child_kl, info = stage("child_sft_kl", child_dir, parent1, run.demo_lr)
-    record("child distillation SFT (KL to SFT-ed parent)", child_kl, teacher=parent1, info=info)
-    write_demo_table(results, os.path.join(out, "table.md"))
-    print(open(os.path.join(out, "table.md")).read())
-    return 0
-
-
-def write_demo_table(results: dict, path: str) -> None:
-    rows = ["| model | held-out CE | KL to SFT-ed parent | math acc | Q/A exact | endless (math / Q/A) | "
-            "loops (math / Q/A) | mean new tokens (math / Q/A) | T=0.7: math acc, endless, loops (math / Q/A) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in results["models"].items():
-        kl = m.get("held_out_kl_to_teacher")
-        a, q = m["math"], m["qa"]
-        rows.append(f"| {name} | {m['held_out_ce']:.3f} | {'' if kl is None else f'{kl:.3f}'} | {a['accuracy']:.1%} | "
-                    f"{q['accuracy']:.1%} | {a['endless_rate']:.0%} / {q['endless_rate']:.0%} | "
-                    f"{a['loop_rate']:.0%} / {q['loop_rate']:.0%} | {a['mean_new_tokens']:.1f} / {q['mean_new_tokens']:.1f} |"
-                    + (f" {m['math_t0.7']['accuracy']:.0%}, {m['math_t0.7']['endless_rate']:.0%} / "
-                       f"{m['qa_t0.7']['endless_rate']:.0%}, {m['math_t0.7']['loop_rate']:.0%} / "
-                       f"{m['qa_t0.7']['loop_rate']:.0%} |" if "math_t0.7" in m else " |"))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(rows) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

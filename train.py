@@ -282,7 +282,8 @@ def _all_reduce_sum(x: float, device) -> float:
     return float(t.item())
 
 
-def _print0(*a):
+def print0(*a):
+    """print on rank 0 only (flushed)."""
     if rank_world()[0] == 0:
         print(*a, flush=True)
 
@@ -347,6 +348,18 @@ def _use_fsdp(cfg: TrainConfig) -> bool:
         raise ValueError("FSDP needs a process group: launch with torchrun (even --nproc_per_node 1) or pass "
                          "--fsdp never")
     return shard
+
+
+def derive_micro_batch(batch_size: int, world: int, cap: int) -> int:
+    """Sequences per rank per forward when --micro-batch-size is not given: the largest divisor of the rank's
+    share of the batch that is at most `cap`, so any world size dividing the batch works."""
+    if batch_size <= 0:
+        return batch_size  # the caller's validation names the problem
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} cannot be split over {world} processes: give a batch size "
+                         f"that is a multiple of {world}, or run on a number of processes that divides it")
+    share = batch_size // world
+    return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
 
 
 def _compute_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -764,7 +777,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
         if start > cfg.steps:
             raise ValueError(f"checkpoint {ckpt} is at step {start}, past --steps {cfg.steps}: raise --steps or "
                              f"choose a fresh --out-dir")
-        _print0(f"[{name}] resumed from {ckpt} at step {start}")
+        print0(f"[{name}] resumed from {ckpt} at step {start}")
     params = [p for p in model.parameters() if p.requires_grad]
     fpt = flops_per_token(model.args, cfg.seq_len, training=True) + teacher_flops_per_token
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -786,7 +799,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"name": name, "step": step, "eval": result}) + "\n")
-        _print0(f"[{name}] eval step {step}: {result}")
+        print0(f"[{name}] eval step {step}: {result}")
 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -831,7 +844,7 @@ def train(model: Transformer, loader, loss_fn: Callable, cfg: TrainConfig, *, de
             eta = (cfg.steps - done) * (time.perf_counter() - t_window) / steps_in_window  # evals, checkpoints too
             line = (f"[{name}] step {done}/{cfg.steps} | loss {loss_v:.3f} | lr {lr:.1e} | {tok_s:,.0f} tok/s"
                     + (f" | MFU {100 * u:.1f}%" if u is not None else "") + f" | ETA {_fmt_duration(eta)}")
-            _print0(line)
+            print0(line)
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"name": name, "step": done, "loss": loss_v, "lr": lr, "grad_norm": gn_v,

@@ -31,8 +31,8 @@ Deviations from the paper / reference code, and why:
     token rule is the same with 28 replaced by patch x merge.
 
 Run: `python vision.py --images DIR [--load CKPT]` preprocesses every photograph in DIR (JPEG, PNG, ...),
-prints its token grid and, with a checkpoint, the ViT feature shape; `python cascade.py --vision` runs
-the embedded multimodal cascade.
+prints its token grid and, with a checkpoint, the ViT feature shape; `python experiments/vision_cascade.py`
+runs the embedded multimodal cascade.
 Depends on: model.py (RMSNorm, RoPE helpers, attention, checkpoint I/O), data.py (the chat format).
 
 Shape letters (as model.py): N packed patches of all images, M merged image tokens, D vision width,

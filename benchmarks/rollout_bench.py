@@ -1,6 +1,6 @@
 """Rollout decoding: generate.py's engine against transformers' `generate`, interleaved in one process.
 
-CPU target (issue 15): bench-cpu shape (d 256, 4 layers, vocab 8192, fp32), batch 8, 32-token prompts,
+CPU target: bench-cpu shape (d 256, 4 layers, vocab 8192, fp32), batch 8, 32-token prompts,
 64 new tokens, greedy: at least 2x HF's new tokens/s. GPU target: 3B shape, bf16, batch 32, 128-token
 prompts, 256 new tokens, sampling: at least 10x HF and within 2.5x of the weight-read floor per step;
 MBU reported. The two implementations alternate round by round in the same process, so a neighbour

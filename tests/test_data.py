@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import data as D  # noqa: E402
 
 mc_tekken = pytest.importorskip("mistral_common.tokens.tokenizers.tekken")
 
@@ -486,3 +487,41 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["stats", "--bogus"])
     assert e.value.code == 2
+
+
+# -- held-out text: de-duplication against the training stream, validation/test halves, question split --
+
+def test_heldout_dedupe_removes_every_shared_window():
+    rng = np.random.default_rng(0)
+    train = rng.integers(10, 500, 5000).astype(np.uint32)
+    fresh = rng.integers(10, 500, 300).astype(np.uint32)
+    held = np.concatenate([[1], fresh[:100], train[1000:1100], fresh[100:], [2]]).astype(np.uint32)
+    assert D.heldout_overlap(train, held, 32) == 100 - 31
+    kept, info = D.dedupe_heldout(train, held, 32, bos_id=1, eos_id=2)
+    assert info["overlap_before"] == 69 and info["overlap_after"] == 0 == D.heldout_overlap(train, kept, 32)
+    # the fresh text around the copied span survives (each run cut back by less than the window)
+    assert len(kept) >= 300 - 2 * 31 and set(fresh[:60].tolist()) <= set(kept.tolist())
+    val, test = D.split_in_two(kept, eos_id=2)
+    assert len(val) + len(test) == len(kept) and val[-1] == 2
+
+
+def test_in_sorted_equals_isin_on_random_values():
+    rng = np.random.default_rng(0)
+    for n_table in (0, 1, 7, 1000):
+        table = np.unique(rng.integers(0, 2**63, n_table, dtype=np.uint64))
+        values = np.concatenate([rng.choice(table, 50) if len(table) else table, rng.integers(0, 2**63, 50, dtype=np.uint64),
+                                 np.array([0, 2**64 - 1], dtype=np.uint64)])
+        assert np.array_equal(D.in_sorted(values, table), np.isin(values, table))
+
+
+def test_split_by_question_holds_out_whole_questions():
+    pool = D.easy_math_problems(600, seed=0, max_operand=9, ops="+")  # 100 distinct questions, many repeats
+    train, held = D.split_by_question(pool, 30, seed=0)
+    held_q = [p["question"] for p in held]
+    assert len(set(held_q)) == 30 == len(held_q)
+    assert not set(held_q) & {p["question"] for p in train}
+    assert len(train) + sum(p["question"] in set(held_q) for p in pool) == len(pool)  # every other problem trains
+    assert D.split_by_question(pool, 30, seed=0) == (train, held)
+    assert D.split_by_question(pool, 30, seed=1)[1] != held
+    with pytest.raises(ValueError, match="distinct questions"):
+        D.split_by_question(pool, 101)

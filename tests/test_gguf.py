@@ -1,4 +1,4 @@
-"""GGUF, the third checkpoint format (issue 11): small files written with gguf's own writer load to the
+"""GGUF, the third checkpoint format: small files written with gguf's own writer load to the
 weights and token ids they hold; bad files get one clear error; the real SmolLM2 file (slow, where
 cached) matches transformers."""
 import dataclasses

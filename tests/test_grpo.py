@@ -3,7 +3,6 @@ both epsilons, reward parsing edge cases, the rubric judge, a CPU micro-run wher
 (through train.py's loop), bad input (a raising reward, a prompt past the context, G = 1), and the demo's
 held-out split (unseen, large) with its sign test."""
 
-import math
 import os
 import sys
 from fractions import Fraction
@@ -336,38 +335,3 @@ def test_micro_batches_add_up_to_the_whole_batch(agg):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
-
-
-# -- the demo's held-out split and its paired test ---------------------------------------------------------
-
-def test_demo_held_out_questions_are_unseen_and_many():
-    """The demo's default split: at least 500 held-out problems, every question distinct, none of them in
-    the SFT or GRPO data (the held-out gain must be on unseen problems)."""
-    dcfg = GR.DemoConfig()
-    splits = GR.demo_problems(dcfg)
-    ov = GR.split_overlap(splits)
-    assert len(splits["held"]) == dcfg.eval_problems >= 500
-    assert ov["distinct_questions"]["held"] == len(splits["held"])
-    assert ov["held_in_sft"] == 0 and ov["held_in_grpo"] == 0
-    seen = {p["question"] for p in splits["sft"] + splits["grpo"]}
-    assert not any(p["question"] in seen for p in splits["held"])  # split_overlap counts what it claims
-    leaky = dict(splits, grpo=splits["grpo"] + splits["held"][:3])
-    assert GR.split_overlap(leaky)["held_in_grpo"] == 3
-
-
-def test_paired_flips_count_each_direction():
-    start = [True, True, False, False, False, True]
-    after = [True, False, True, True, False, True]
-    got = GR.paired_flips(start, after)
-    assert (got["wrong_to_right"], got["right_to_wrong"]) == (2, 1)
-    assert got["sign_test_p"] == pytest.approx(1.0)  # 2 vs 1: two-sided tail 2 * (1 + 3) / 8, capped at 1
-    assert GR.paired_flips([False] * 10, [True] * 10)["sign_test_p"] == pytest.approx(2 / 2 ** 10)
-    with pytest.raises(ValueError):
-        GR.paired_flips([True], [True, False])  # rows scored on different problem counts
-
-
-def test_sign_test_matches_the_binomial_tail():
-    assert GR.sign_test(10, 5) == pytest.approx(2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
-    assert GR.sign_test(5, 10) == GR.sign_test(10, 5)
-    assert GR.sign_test(0, 0) == 1.0 and GR.sign_test(3, 3) == 1.0
-    assert GR.sign_test(20, 0) == pytest.approx(2 / 2 ** 20)

@@ -59,3 +59,30 @@ def test_copies_out_with_its_dependencies(tmp_path, name):
         shutil.copy(os.path.join(ROOT, m + ".py"), tmp_path)
     r = subprocess.run([sys.executable, "-c", f"import {name[:-3]}"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# The project files each file needs besides model.py: model.py and data.py none, a mechanism at most three.
+# cascade.py chains Algorithm 1's four stage files (data, prune, distill, train); sft.py reads image turns
+# through vision.py besides data, distill and train.
+MAX_DEPS = {"model.py": 0, "data.py": 0, "cascade.py": 4, "sft.py": 4}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_each_file_needs_few_project_files(name):
+    deps = project_imports(os.path.join(ROOT, name)) - {"model"}
+    assert len(deps) <= MAX_DEPS.get(name, 3), f"{name} imports {sorted(deps)}"
+
+
+def test_no_mechanism_file_imports_an_experiment():
+    for name in [f for f in os.listdir(ROOT) if f.endswith(".py")]:
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(m.split(".")[0] == "experiments" for m in mods), f"{name} imports {mods}"
+
+
+def test_post_training_files_do_not_import_each_other():
+    post = {"sft", "odpo", "grpo"}
+    for name in post:
+        assert not project_imports(os.path.join(ROOT, name + ".py")) & (post - {name}), name

@@ -189,19 +189,6 @@ def test_ece_of_a_calibrated_and_a_wrong_predictor():
     assert O.expected_calibration_error([0.9] * 10, [0] * 10) == pytest.approx(0.9)
 
 
-def test_rule_labels():
-    good = dict(correct=True, looping=False, length=6)
-    assert O.rule_label(good, dict(good, correct=False)) == 1.0  # correct beats wrong
-    assert O.rule_label(dict(good, correct=False, length=3), good) == 0.0  # even when shorter
-    assert O.rule_label(dict(good, looping=True), dict(good, correct=False)) == 0.0  # a loop loses
-    assert O.rule_label(good, dict(good, length=9)) == 1.0  # shorter among equally correct
-    assert O.rule_label(good, dict(good)) is None
-    wrong = dict(good, correct=False)
-    assert O.rule_label(wrong, dict(wrong, length=9)) is None  # two wrong answers: length does not decide
-    assert O.rule_label(wrong, dict(wrong, length=9), length_rule="equal") == 1.0  # ... unless asked to
-    assert O.rule_label(dict(good, looping=True), dict(good, looping=True)) is None
-
-
 # -- summed response log-probs -----------------------------------------------------------------
 
 
@@ -305,7 +292,8 @@ def test_bad_input(tok, one_thread):
 
 
 def test_cli_bad_path_is_one_clear_error_line(tmp_path, capsys):
-    rc = O.main(["--out", str(tmp_path / "o"), "--policy", str(tmp_path / "missing")])
+    rc = O.main(["--out", str(tmp_path / "o"), "--policy", str(tmp_path / "missing"), "--pwrm", str(tmp_path / "p"),
+                 "--prompts", str(tmp_path / "prompts.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --policy") and "checkpoint folder" in err[0]
     assert not (tmp_path / "o").exists()  # nothing written

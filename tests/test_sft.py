@@ -21,6 +21,7 @@ import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import sft as S  # noqa: E402
 import train as T  # noqa: E402
+from experiments import evals as E  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,11 +154,11 @@ def test_micro_run_raises_held_out_accuracy(tok, tmp_path):
     train_n, held = numbers[:500], numbers[500:]
     items = [{"question": f"Parity of {n}", "answer": "even" if n % 2 == 0 else "odd"} for n in held]
     student = make()
-    before = S.answer_eval(student, tok, items, max_new_tokens=4)
+    before = E.answer_eval(student, tok, items, max_new_tokens=4)
     cfg = T.TrainConfig(out_dir=str(tmp_path / "run"), steps=60, batch_size=32, micro_batch_size=32, seq_len=24,
                         lr=1e-2, warmup_steps=5, dtype="fp32", log_every=0, export=False)
     out = S.run_sft(student, parity_chats(train_n), tok, cfg, S.SFTConfig(), device="cpu")
-    after = S.answer_eval(student, tok, items, max_new_tokens=4)
+    after = E.answer_eval(student, tok, items, max_new_tokens=4)
     assert out["data"]["examples"] == 500 and out["history"][-1]["loss"] < out["history"][0]["loss"]
     assert before["accuracy"] < 0.2
     assert after["accuracy"] >= 0.9, after
@@ -274,14 +275,6 @@ def test_fp8_linear_matches_bf16_on_gpu():
 # -- generation, loops, chat ----------------------------------------------------------------------
 
 
-def test_loop_period():
-    assert S.loop_period([5, 6, 7] * 30, min_tokens=64) == 3
-    assert S.loop_period([1, 2] + [9] * 70, min_tokens=64) == 1
-    assert S.loop_period(list(range(100)), min_tokens=64) is None
-    assert S.loop_period([5, 6, 7] * 10, min_tokens=64) is None  # too short a span
-    assert S.loop_period([5, 6, 7] * 10, min_tokens=24) == 3
-
-
 def test_chat_mode_talks_to_a_checkpoint(tok, tmp_path):
     ckpt = str(tmp_path / "m")
     M.save_model(make(), ckpt)
@@ -299,25 +292,3 @@ def test_math_traces_are_correct_worked_steps():
         assert D.check_math_answer(trace, it["answer"])  # the trace's last number is the answer
     with pytest.raises(ValueError, match="gives 13, the answer is 12"):
         D.math_trace("What is 6 + 7?", "12")
-
-
-@pytest.mark.slow
-def test_demo_end_to_end_on_tiny_checkpoints(tmp_path):
-    """The demo's whole path (parent SFT, child plain and KL SFT, every measure, the table) on two tiny
-    random checkpoints; a rerun reuses the finished stages."""
-    parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
-    M.save_model(make(dataclasses.replace(TINY, dim=96, n_layers=3, hidden_dim=192)), parent)
-    M.save_model(make(), child)
-    argv = ["--demo", "--parent", parent, "--child", child, "--demo-out", str(tmp_path / "out"), "--demo-steps", "3",
-            "--demo-batch", "4", "--demo-math", "12", "--demo-qa", "4", "--demo-held-math", "4", "--demo-held-qa", "2",
-            "--demo-seq-len", "160"]
-    assert S.main(argv) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    names = list(res["models"])
-    assert len(names) == 5 and "KL" in names[-1]
-    for m in res["models"].values():
-        assert m["math"]["n"] == 4 and m["qa"]["n"] == 2 and m["held_out_ce"] > 0
-    assert res["models"][names[-1]]["train"]["teacher"] and not res["models"][names[-2]]["train"]["teacher"]
-    assert (tmp_path / "out" / "table.md").read_text().count("\n") == 7
-    assert S.main(argv) == 0  # finished stages are reused
-

@@ -23,15 +23,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, ROOT)
 
-import cascade as C  # noqa: E402  (shape_picture, the pictures of the multimodal cascade demo)
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 import sft as S  # noqa: E402
 import train as T  # noqa: E402
 import vision as V  # noqa: E402
+from experiments import evals as E  # noqa: E402
+from experiments import vision_cascade as C  # noqa: E402  (shape_picture: the multimodal cascade's pictures)
 
 STEPS, BATCH, LR, N_TRAIN, N_HELD, SEQ = 300, 16, 3e-3, 1024, 100, 64
-VOCAB = 2048  # the shipped Tekken truncated to 1000 specials + 1048 ranks (cascade.py's --vision demo)
+VOCAB = 2048  # the shipped Tekken truncated to 1000 specials + 1048 ranks (experiments/vision_cascade.py)
 VARGS = V.VisionArgs.preset("demo")
 STUDENT = M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=192, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
                       rope_theta=1e4, max_seq_len=128)
@@ -70,9 +71,9 @@ def measure(model, tok, held, held_examples, teacher=None):
         for j, k in enumerate(("colour", "shape", "place")):
             hits[k] += parts(out)[j] == parts(cap)[j]
     r = {k: v / len(held) for k, v in hits.items()} | {"examples": examples}
-    r["held_out_ce"] = S.eval_loss(model, held_examples, tok.pad_id)
+    r["held_out_ce"] = E.eval_loss(model, held_examples, tok.pad_id)
     if teacher is not None:
-        r["kl_to_teacher"] = S.eval_loss(model, held_examples, tok.pad_id, teacher)
+        r["kl_to_teacher"] = E.eval_loss(model, held_examples, tok.pad_id, teacher)
     model.train()
     return r
 

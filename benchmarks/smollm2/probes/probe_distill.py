@@ -1,4 +1,4 @@
-"""Cheap probes of why the cpu-real cascade's distillation made the SmolLM2 children worse (issue 11).
+"""Cheap probes of why the cpu-real cascade's distillation made the SmolLM2 children worse.
 
 Run (one core, from the repository root, CASCADE_CACHE pointing at the fetched wheel):
     OMP_NUM_THREADS=1 python benchmarks/smollm2/probes/probe_distill.py rope

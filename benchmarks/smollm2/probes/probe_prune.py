@@ -1,4 +1,4 @@
-"""Which part of pruning breaks SmolLM2's 8b child (issue 11)? From the cascade's 14b pruned child
+"""Which part of pruning breaks SmolLM2's 8b child? From the cascade's 14b pruned child
 (runs/probe/14b_init, made by probe_distill.py prepare), apply one cut at a time toward the 8b shape and
 measure held-out KL to the parent (1K tokens): layers only, hidden width only (untied, and re-tied by each
 tie policy), FFN only, and the whole 8b step with each tie policy.

@@ -1,4 +1,4 @@
-"""The embedded multimodal cascade (cascade.py --vision): the synthetic pictures, the caption loader's pairing
+"""The embedded multimodal cascade (experiments/vision_cascade.py): the synthetic pictures, the caption loader's pairing
 of images with ids, and (slow) the whole smoke run: every child sees the teacher's images through a frozen
 ViT with its own fresh projector, and distillation lowers its KL to the parent."""
 import json
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import cascade as C
 import data as D
 import vision as V
+from experiments import vision_cascade as C
 
 
 def test_shape_pictures_put_the_shape_where_the_caption_says():
@@ -50,10 +50,22 @@ def test_caption_loader_pairs_each_batch_with_its_images():
 
 @pytest.mark.slow
 def test_vision_cascade_smoke(tmp_path, one_thread):
-    C.main(["--vision", "--preset", "smoke", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        C.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert e.value.code == 0
     res = json.load(open(tmp_path / "vision" / "results.json"))
     rows = {r["stage"]: r for r in res["rows"]}
     assert list(rows) == ["parent", "14b pruned", "14b distilled", "8b pruned", "8b distilled", "3b pruned", "3b distilled"]
     for size in ("14b", "8b", "3b"):
         assert rows[f"{size} distilled"]["kl"] < rows[f"{size} pruned"]["kl"], size
     assert (tmp_path / "vision" / "table.md").exists()
+    # the stages are cascade.py's: pruned text towers and distilled multimodal checkpoints, each with done.json
+    for size in ("14b", "8b", "3b"):
+        assert (tmp_path / "vision" / size / "init" / "done.json").exists()
+        assert V.load_vlm(str(tmp_path / "vision" / size / "distilled" / "model")).args.dim == \
+            C.C.miniature(C.TEXT["smoke"], size, res["seq_len"]).dim
+    # a rerun reuses every stage and scores the same
+    with pytest.raises(SystemExit):
+        C.main(["--preset", "smoke", "--out", str(tmp_path)])
+    again = json.load(open(tmp_path / "vision" / "results.json"))
+    assert [r["caption"] for r in again["rows"]] == [r["caption"] for r in res["rows"]]
