@@ -55,3 +55,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_checkpoint(path, vocab_size: int = 1280, seed: int = 0, **shape) -> str:
+    """A tiny random decoder saved as an HF checkpoint at `path` (the demos' stand-in for a cascade child);
+    vocab 1280 is the shipped Tekken truncated to 1000 specials + 280 ranks."""
+    import model as M
+    args = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                rope_theta=1e4, max_seq_len=256) | shape
+    m = M.Transformer(M.ModelArgs(**args))
+    m.init_weights(seed)
+    M.save_model(m, str(path))
+    return str(path)

@@ -1,5 +1,6 @@
 """experiments/grpo_demo.py: the held-out split (questions unseen by SFT and GRPO)."""
 import pytest
+from toy import tiny_checkpoint
 
 from experiments import grpo_demo as GD
 
@@ -24,12 +25,7 @@ def test_demo_end_to_end_on_a_tiny_child(tmp_path, one_thread):
     """SFT, GRPO, the held-out scores before and after and the table, on a tiny random child; a rerun reuses SFT."""
     import json
 
-    import model as M
-    child = str(tmp_path / "child")
-    m = M.Transformer(M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                                  vocab_size=1280, rope_theta=1e4, max_seq_len=256))
-    m.init_weights(0)
-    M.save_model(m, child)
+    child = tiny_checkpoint(tmp_path / "child")
     argv = ["--child", child, "--out", str(tmp_path / "g"), "--sft-steps", "1", "--sft-problems", "40",
             "--grpo-problems", "16", "--eval-problems", "8", "--steps", "1", "--batch-size", "16",
             "--micro-batch-size", "16", "--group-size", "4", "--max-new-tokens", "8", "--l-cache", "2"]

@@ -3,18 +3,14 @@ online DPO, the held-out scores; a rerun reuses the SFT and PWRM stages."""
 import json
 
 import pytest
+from toy import tiny_checkpoint
 
-import model as M
 from experiments import odpo_demo as OD
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_child(tmp_path, one_thread):
-    child = str(tmp_path / "child")
-    m = M.Transformer(M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                                  vocab_size=1280, rope_theta=1e4, max_seq_len=256))
-    m.init_weights(0)
-    M.save_model(m, child)
+    child = tiny_checkpoint(tmp_path / "child")
     argv = ["--child", child, "--out", str(tmp_path / "o"), "--sft-steps", "1", "--pwrm-steps", "1",
             "--pwrm-problems", "4", "--calib-problems", "4", "--odpo-prompts", "4", "--eval-prompts", "4",
             "--steps", "1", "--batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "8",

@@ -1,30 +1,18 @@
 """experiments/sft_demo.py: plain SFT against distillation SFT, end to end on tiny random checkpoints."""
-import dataclasses
 import json
 
 import pytest
+from toy import tiny_checkpoint
 
-import model as M
 from experiments import sft_demo as SD
-
-V = 1280  # the shipped Tekken truncated to 1000 specials + 280 ranks
-TINY = M.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=V,
-                   rope_theta=1e4, max_seq_len=256)
-
-
-def make(args=TINY, seed=0):
-    m = M.Transformer(args)
-    m.init_weights(seed)
-    return m
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_tiny_checkpoints(tmp_path):
     """The demo's whole path (parent SFT, child plain and KL SFT, every measure, the table) on two tiny
     random checkpoints; a rerun reuses the finished stages."""
-    parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
-    M.save_model(make(dataclasses.replace(TINY, dim=96, n_layers=3, hidden_dim=192)), parent)
-    M.save_model(make(), child)
+    parent = tiny_checkpoint(tmp_path / "parent", dim=96, n_layers=3, hidden_dim=192)
+    child = tiny_checkpoint(tmp_path / "child")
     argv = ["--parent", parent, "--child", child, "--out", str(tmp_path / "out"), "--steps", "3", "--batch", "4",
             "--math", "12", "--qa", "4", "--held-math", "4", "--held-qa", "2", "--seq-len", "160"]
     assert SD.main(argv) == 0
