@@ -518,11 +518,11 @@ _NATIVE_IGNORED = ("vision_encoder.", "pre_mm_projector_norm.", "patch_merger.",
 
 
 def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
-    model_type = cfg.get("model_type")
+    model_type, tied = cfg.get("model_type"), bool(cfg.get("tie_word_embeddings", False))
     if model_type == "mistral3":
         if "text_config" not in cfg:
             raise CheckpointError(f"{where}: model_type mistral3 without text_config: use the config.json that came with the weights")
-        cfg = cfg["text_config"]
+        cfg = cfg["text_config"]  # the tie may sit at the top level (transformers ties by it) or in text_config
     elif model_type not in ("ministral3", "mistral", "ministral", "llama"):
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported: expected ministral3, mistral, "
                               f"mistral3 or llama (a Mistral-family or Llama decoder)")
@@ -539,7 +539,7 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
               n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
               norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
               max_seq_len=cfg.get("max_position_embeddings", 131072),
-              tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+              tied_embeddings=tied or bool(cfg.get("tie_word_embeddings", False)),
               family="llama" if model_type == "llama" else "ministral3")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "yarn":

@@ -16,7 +16,7 @@ import data as D
 import model as M
 from model import CheckpointError, ModelArgs, Transformer
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (requirements.txt: a hard import, never a skip)
 Q = gguf.GGMLQuantizationType
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -362,7 +362,7 @@ def test_real_file_textwrap_ce(real):
 @pytest.mark.slow
 def test_real_file_round_trip_through_transformers(real, tmp_path):
     """GGUF -> ours -> HF checkpoint -> transformers' LlamaForCausalLM: equal logits."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # requirements-test.txt: a missing package fails, it does not skip
     path, m, tok = real
     M.save_model(m, tmp_path / "hf")
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
@@ -377,7 +377,7 @@ def test_real_file_tokenizer_matches_transformers(real):
     """ids equal transformers' tokenizer built from the same file, with SmolLM2's own pre-tokenizer
     (digits split one by one, which transformers' GGUF loader leaves out for "smollm"; llama.cpp and the
     model's tokenizer.json have it), on standard-library source and on chats."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # requirements-test.txt: a missing package fails, it does not skip
     from tokenizers import pre_tokenizers
     import textwrap
     path, m, tok = real

@@ -295,17 +295,20 @@ def test_photographs_from_a_folder(tmp_path, capsys, one_thread):
 # -- parity with transformers ----------------------------------------------------------------------
 
 
-def _hf_tiny_mistral3(tf):
+def _hf_tiny_mistral3(tf, tied=False):
+    """tied: transformers' own default, tie_word_embeddings=True at the top level while text_config says False
+    (the released Ministral 3 3B is tied); its checkpoint then holds no lm_head.weight."""
+    tie = {} if tied else dict(tie_word_embeddings=False)
     cfg = tf.Mistral3Config(
         text_config=dict(model_type="ministral3", hidden_size=64, num_hidden_layers=2, head_dim=16,
                          intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
-                         rms_norm_eps=1e-5, max_position_embeddings=1024, tie_word_embeddings=False,
+                         rms_norm_eps=1e-5, max_position_embeddings=1024, **tie,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.0,
                                           "original_max_position_embeddings": 1024}),
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, head_dim=16, patch_size=4, image_size=64, hidden_act="silu",
                            rope_parameters={"rope_type": "axial", "rope_theta": 10000.0}),
-        image_token_index=10, spatial_merge_size=2, tie_word_embeddings=False)
+        image_token_index=10, spatial_merge_size=2, **tie)
     torch.manual_seed(0)
     hf = tf.Mistral3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -327,11 +330,14 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_matches_transformers_mistral3(tmp_path, one_thread):
-    tf = pytest.importorskip("transformers")
-    hf = _hf_tiny_mistral3(tf)
+@pytest.mark.parametrize("tied", [False, True])
+def test_matches_transformers_mistral3(tmp_path, one_thread, tied):
+    import transformers as tf  # requirements-test.txt: a missing package fails, it does not skip
+    hf = _hf_tiny_mistral3(tf, tied)
+    assert (hf.lm_head.weight is hf.model.language_model.embed_tokens.weight) == tied
     hf.save_pretrained(tmp_path / "hf")
     vlm = V.load_vlm(tmp_path / "hf").eval()
+    assert (vlm.language_model.lm_head.weight is vlm.language_model.embed_tokens.weight) == tied
     args = vlm.vision_args
     xs, ids = [], [1, 50, 60]
     for k, (w, h) in enumerate([(30, 20), (17, 40)]):  # two images of different sizes
