@@ -3,8 +3,8 @@
 Reading guide
 -------------
 Concept: PAPER.md section 8, the preference stage that ends Instruct (and Reasoning) post-training.
-For every prompt the CURRENT policy samples two responses at T = 0.7 (model.py's batched, cached
-`generate`); a pairwise reward model, itself an LLM of the same family trained by SFT to answer "A" or
+For every prompt the CURRENT policy samples two responses at T = 0.7 (generate.py's rollout engine, in
+the trainer's compute dtype); a pairwise reward model, itself an LLM of the same family trained by SFT to answer "A" or
 "B", gives p = P(A beats B); p is the soft label of a DPO loss against a frozen reference model:
 
     h = (log pi(A) - log ref(A)) - (log pi(B) - log ref(B))          (summed token log-probs)
@@ -42,16 +42,21 @@ Deviations and choices where the paper is silent:
     are the two responses to one prompt; prompt and padding targets are -100.
  6. The paper's preference data and its PWRM are unpublished. experiments/odpo_demo.py trains a PWRM
     on pairs labelled by honest rules on data.py's arithmetic (experiments/pwrm.py) and runs this loop.
- 7. World size 1 only (run_odpo refuses more). With FSDP every rank must call the sharded models the same
-    number of times, but generation stops when a rank's rows have all ended and the PWRM is asked only
-    about pairs without a loop, so ranks would fall out of step. Multi-GPU needs fixed-length rollouts
-    and padded PWRM batches (or the rollout engine of generate.py); not done. The loader already gives
-    each rank its own prompts.
+ 7. Any world size (torchrun, FSDP2 through train.py). Every rank must call each sharded model the same
+    number of times, so: the rollout engine gathers the policy's weights once per optimizer step (a
+    collective) and then samples locally; the reference scores every micro-batch once; the PWRM scores
+    every pair, loops included (their label is then overridden), so its batches are the same on all
+    ranks. Memory at 3B (3.43B parameters) in bf16: the frozen reference and a 3B PWRM take 6.9 GB each,
+    divided by the world size when sharded; the engine holds one gathered 6.9 GB copy of the policy per
+    rank while it samples; the policy's fp32 weights, gradients and AdamW moments take 16 bytes per
+    parameter (55 GB) divided by the world size. The reference log-probs are computed once per rollout
+    batch, under no_grad (weights only, no activations kept).
 
 Run: `python odpo.py --policy CKPT --pwrm CKPT --prompts PROMPTS.jsonl --out DIR` (a folder, a .gguf file
 or `smollm2` each; `--help` lists every flag); `python experiments/odpo_demo.py` builds the SFT policy
 and the PWRM on the embedded cascade's child and runs it. `python -m pytest tests/test_odpo.py -q`.
-Depends on: model.py, data.py (the tokenizer, prompt files), distill.py (fused_ce), train.py (the loop).
+Depends on: model.py, data.py (the tokenizer, prompt files), distill.py (fused_ce), generate.py (the
+rollout engine), train.py (the loop).
 """
 
 from __future__ import annotations
@@ -73,8 +78,10 @@ import torch.nn.functional as F
 
 import data as D
 from distill import fused_ce
-from model import CheckpointError, Transformer, generate, load_model, resolve_model_path
-from train import TrainConfig, build_model, configs_from_args, train, write_json_atomic
+from generate import RolloutConfig, RolloutWeights, rollout
+from model import CheckpointError, Transformer, load_model, resolve_model_path
+from train import (TrainConfig, build_model, configs_from_args, exit_process, grad_accum_steps, setup_distributed,
+                   teardown_distributed, train)
 
 # -----------------------------------------------------------------------------
 # The loss (PAPER.md section 8)
@@ -232,10 +239,12 @@ class PairwiseRewardModel:
             x = torch.full((len(rows), max(lens)), self.tok.pad_id, dtype=torch.long)
             for i, r in enumerate(rows):
                 x[i, :len(r)] = torch.tensor(r)  # right padding: causal attention never sees it
-            last = torch.tensor(lens) - 1
-            h = self.model(x.to(device), return_hidden=True)[torch.arange(len(rows)), last.to(device)]
-            W = self.model.lm_head.weight
-            out.append((F.linear(h, W[self.a_id]) - F.linear(h, W[self.b_id])).float().cpu())
+            last = (torch.tensor(lens) - 1).to(device)
+
+            def head(h_BTD, W_VD):  # inside the forward: W_VD is the whole head even when sharded
+                h_BD = h_BTD[torch.arange(len(rows), device=device), last]
+                return (F.linear(h_BD, W_VD[self.a_id]) - F.linear(h_BD, W_VD[self.b_id])).float()
+            out.append(self.model(x.to(device), head_fn=head).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def probs(self, items: Sequence[tuple], temperature: Optional[float] = None) -> torch.Tensor:
@@ -329,23 +338,32 @@ class ODPOConfig:
 
 def judge_pairs(pwrm: PairwiseRewardModel, tok, cfg: "ODPOConfig", conversations, a_list, b_list
                 ) -> tuple[list[float], list[bool]]:
-    """(p, keep) per pair: loops decide first (deviation 3), then the PWRM on the think-stripped text."""
+    """(p, keep) per pair: the PWRM's p on the think-stripped text, then the loop rule overrides it
+    (deviation 3): a looping response loses, a pair where both loop is dropped. Every pair is scored so
+    that the PWRM's batches do not depend on the samples (deviation 7)."""
     cap, eos = cfg.max_new_tokens, tok.eos_id
-    p, keep, ask = [0.5] * len(a_list), [True] * len(a_list), []
-    for k, (a, b) in enumerate(zip(a_list, b_list)):
+    items = [(c, a, b) for c, a, b in zip(conversations, a_list, b_list)]
+    p = pwrm.probs(items, cfg.pwrm_temperature).tolist() if items else []
+    keep = [True] * len(items)
+    for k, (_, a, b) in enumerate(items):
         la = is_looping(a, eos_id=eos, max_new_tokens=cap)
         lb = is_looping(b, eos_id=eos, max_new_tokens=cap)
         if la and lb:
-            keep[k] = False
+            p[k], keep[k] = 0.5, False
         elif la or lb:
             p[k] = 0.0 if la else 1.0
-        else:
-            ask.append(k)
-    if ask:
-        probs = pwrm.probs([(conversations[k], a_list[k], b_list[k]) for k in ask], cfg.pwrm_temperature)
-        for k, v in zip(ask, probs.tolist()):
-            p[k] = v
     return p, keep
+
+
+def sample_pairs(weights: RolloutWeights, prompts: list[list[int]], cfg: "ODPOConfig", tok, seed: int,
+                 n: int = 2, temperature: Optional[float] = None) -> list[list[int]]:
+    """n responses per prompt through the rollout engine (rows k*n .. k*n+n-1 answer prompt k), each cut
+    after its EOS."""
+    T = cfg.sample_temperature if temperature is None else temperature
+    rc = RolloutConfig(max_new_tokens=cfg.max_new_tokens, group_size=n, temperature=T, top_p=cfg.top_p,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed)
+    r = rollout(weights, prompts, rc)
+    return [row[:k] for row, k in zip(r.tokens.tolist(), r.lengths.tolist())]
 
 
 class RolloutLoader:
@@ -356,7 +374,8 @@ class RolloutLoader:
     log-probs are queued for `odpo_loss_fn` (deviation 5)."""
 
     def __init__(self, policy: Transformer, reference: Transformer, pwrm: PairwiseRewardModel, tok,
-                 prompts: Sequence[list[dict]], cfg: ODPOConfig, micro_batch_size: int, seed: int = 0):
+                 prompts: Sequence[list[dict]], cfg: ODPOConfig, micro_batch_size: int, seed: int = 0,
+                 grad_accum: int = 1, dtype: Optional[torch.dtype] = None):
         if micro_batch_size % 2:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be even: two responses per prompt")
         if not prompts:
@@ -381,14 +400,19 @@ class RolloutLoader:
         self.queue: deque = deque()
         self.stats: list[dict] = []
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.accum, self.dtype = grad_accum, dtype  # dtype: the trainer's compute dtype, which the engine samples in
+        self.weights: Optional[RolloutWeights] = None
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         n, g = self.B // 2, i * self.world + self.rank  # g: the global micro-batch
         idx = [(g * n + j) % len(self.prompts) for j in range(n)]
         prompts = [self.prompt_ids[k] for k in idx for _ in range(2)]
         t0, c0 = time.perf_counter(), time.process_time()
-        samples = generate(self.policy, prompts, self.cfg.max_new_tokens, temperature=self.cfg.sample_temperature,
-                           top_p=self.cfg.top_p, eos_id=self.tok.eos_id, seed=self.seed * 1_000_003 + g)
+        if self.weights is None:
+            self.weights = RolloutWeights(self.policy, dtype=self.dtype)
+        elif i % self.accum == 0:  # the policy changed at the last optimizer step (collective under FSDP2)
+            self.weights.refresh(self.policy)
+        samples = sample_pairs(self.weights, prompts[0::2], self.cfg, self.tok, seed=self.seed * 1_000_003 + g)
         t_gen, c_gen = time.perf_counter() - t0, time.process_time() - c0
         if any(len(s) == 0 for s in samples):
             raise ValueError("the policy produced an empty generation: max_new_tokens must be >= 1")
@@ -441,17 +465,15 @@ def odpo_loss_fn(loader: RolloutLoader, cfg: ODPOConfig, pairs_per_step: int):
 @torch.no_grad()
 def evaluate_policy(policy: Transformer, start_samples: Optional[list], problems: Sequence[dict],
                     pwrm: PairwiseRewardModel, tok, cfg: ODPOConfig, seed: int = 1234,
-                    check: Optional[Callable[[str, str], bool]] = None) -> dict:
-    """Loop rate and mean length (greedy and sampled at T), the PWRM-judged win rate of the policy's
+                    check: Optional[Callable[[str, str], bool]] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Loop rate and mean length (greedy and sampled at T, through the rollout engine in `dtype`), the PWRM-judged win rate of the policy's
     samples against `start_samples` (the starting policy's, same prompts and seeds), and with `check`
     (text, problem["answer"]) -> bool the exact-answer accuracy."""
-    was = policy.training
-    policy.eval()
     prompts = [tok.encode_chat([{"role": "user", "content": q["question"]}])[0] for q in problems]
-    greedy = generate(policy, prompts, cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
-    sampled = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.sample_temperature, top_p=cfg.top_p,
-                       eos_id=tok.eos_id, seed=seed)
-    policy.train(was)
+    W = RolloutWeights(policy, dtype=dtype)
+    greedy = sample_pairs(W, prompts, cfg, tok, seed=seed, n=1, temperature=0.0)
+    sampled = sample_pairs(W, prompts, cfg, tok, seed=seed, n=1)
+    del W
     loops = lambda rs: float(np.mean([is_looping(r, eos_id=tok.eos_id, max_new_tokens=cfg.max_new_tokens) for r in rs]))
     out = {"loop_rate_greedy": loops(greedy),
            "loop_rate_sampled": loops(sampled), "mean_length_greedy": float(np.mean([len(r) for r in greedy])),
@@ -478,21 +500,23 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
              check: Optional[Callable[[str, str], bool]] = None, name: str = "odpo") -> dict:
     """Online DPO through train.py's loop: `train_cfg.batch_size` responses (= batch_size / 2 prompts)
     per optimizer step. Evaluates on `eval_problems` before and after (and every eval_every_steps)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("odpo.py runs at world size 1 for now (reading guide, item 7): launch without torchrun")
     reference.requires_grad_(False)
     reference.eval()
-    loader = RolloutLoader(policy, reference, pwrm, tok, prompts, cfg, train_cfg.micro_batch_size, seed=train_cfg.seed)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dtype = torch.bfloat16 if train_cfg.dtype == "bf16" else torch.float32  # sample in the trainer's compute dtype
+    loader = RolloutLoader(policy, reference, pwrm, tok, prompts, cfg, train_cfg.micro_batch_size, seed=train_cfg.seed,
+                           grad_accum=grad_accum_steps(train_cfg, world), dtype=dtype)
     train_cfg = dataclasses.replace(train_cfg, seq_len=loader.seq_len,
                                     eval_every=cfg.eval_every_steps if eval_problems else 0)
     pairs_per_step = train_cfg.batch_size // 2
-    start = evaluate_policy(reference, None, eval_problems, pwrm, tok, cfg, check=check) if eval_problems else None
+    start = evaluate_policy(reference, None, eval_problems, pwrm, tok, cfg, check=check,
+                            dtype=dtype) if eval_problems else None
     start_samples = start.pop("samples") if start else None
     if start:
         start["win_rate_vs_start"] = 0.5  # the starting policy against itself, by definition
 
     def eval_fn(model):
-        r = evaluate_policy(model, start_samples, eval_problems, pwrm, tok, cfg, check=check)
+        r = evaluate_policy(model, start_samples, eval_problems, pwrm, tok, cfg, check=check, dtype=dtype)
         r.pop("samples")
         return r
 
@@ -506,9 +530,10 @@ def run_odpo(policy: Transformer, reference: Transformer, pwrm: PairwiseRewardMo
         steps.append({**h, "step_s": train_cfg.batch_size * train_cfg.seq_len / h["tokens_per_s"], **{key: float(np.mean([s[key] for s in ss if key in s])) for key in
                               ("rollout_tok_s", "mean_length", "loop_rate", "mean_p", "reward_margin")},
                       "dropped": sum(s["dropped"] for s in ss), "rollout_s": sum(s["rollout_s"] for s in ss)})
-    with open(os.path.join(train_cfg.out_dir, "odpo_steps.jsonl"), "w") as f:
-        for s in steps:
-            f.write(json.dumps(s) + "\n")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(train_cfg.out_dir, "odpo_steps.jsonl"), "w") as f:
+            for s in steps:
+                f.write(json.dumps(s) + "\n")
     return {"start": start, "evals": result["evals"], "steps": steps, "export": result["export"],
             "rollout_stats": loader.stats}
 
@@ -545,6 +570,9 @@ def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Tran
     model.load_model (world size 1)."""
     if os.path.isdir(path):
         return build_model(path, cfg, device, train=train)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(f"{path!r} is not a checkpoint folder: under torchrun every model is sharded from a folder "
+                         f"(save it once with model.save_model, or run in one process)")
     model = load_model(path, device=device)
     if not train:
         model.requires_grad_(False).eval()
@@ -564,6 +592,7 @@ def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int) -> D.T
 def main(argv=None) -> int:
     tcfg, ocfg, run = configs_from_args([ODPOTrainConfig, ODPOConfig, ODPORun], argv,
                                         description="Online DPO with a pairwise reward model (PAPER.md section 8).")
+    rank = 0
     try:
         if not (run.policy and run.pwrm and run.prompts):
             raise ValueError("pass --policy CKPT --pwrm CKPT --prompts PROMPTS.jsonl (experiments/odpo_demo.py "
@@ -575,7 +604,7 @@ def main(argv=None) -> int:
         prompts = D.read_chats(run.prompts)
         if any(c[-1]["role"] != "user" for c in prompts):
             raise ValueError(f"{run.prompts}: every prompt must end in a user turn (the policy answers it)")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rank, _, _, device = setup_distributed()
         policy = load_policy(run.policy, tcfg, device)
         reference = load_policy(run.policy, tcfg, device, train=False)
         tok = load_tokenizer(run.tokenizer, run.policy, policy.args.vocab_size)
@@ -584,14 +613,18 @@ def main(argv=None) -> int:
         if os.path.isfile(calib):
             with open(calib) as f:
                 pwrm.temperature = json.load(f)["temperature"]
-        print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
-                          "run": dataclasses.asdict(run), "pwrm_temperature": pwrm.temperature}), flush=True)
+        if rank == 0:
+            print(json.dumps({"train": dataclasses.asdict(tcfg), "odpo": dataclasses.asdict(ocfg),
+                              "run": dataclasses.asdict(run), "pwrm_temperature": pwrm.temperature}), flush=True)
         run_odpo(policy, reference, pwrm, tok, prompts, ocfg, tcfg, device=device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: leave without interpreter finalization (train.exit_process)

@@ -1,7 +1,7 @@
 """Benchmark: online DPO's two costs, rollout tokens/s and the time of one ODPO optimizer step.
 
-One ODPO step (odpo.run_odpo through train.py's loop) = sample two responses per prompt with model.py's
-cached `generate` at T = 0.7, judge the pairs (loop detector, then the PWRM, both orders), the frozen
+One ODPO step (odpo.run_odpo through train.py's loop) = sample two responses per prompt with generate.py's
+rollout engine at T = 0.7, judge the pairs (loop detector, then the PWRM, both orders), the frozen
 reference's summed log-probs, the policy's forward + backward with the soft DPO loss, AdamW. The step
 time is train.py's own per-step clock (it includes the rollout, which the loader runs inside the step);
 the rollout's share and its new tokens/s come from the loader's stats.

@@ -1,5 +1,6 @@
 """odpo.py: the soft DPO loss, the loop detector, think stripping, the PWRM, and a CPU micro-run."""
 import math
+import textwrap
 import random
 
 import numpy as np
@@ -297,3 +298,139 @@ def test_cli_bad_path_is_one_clear_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --policy") and "checkpoint folder" in err[0]
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+# -- the loop detector at the caps post-training uses --------------------------------------------
+
+
+def test_loop_detector_fires_at_a_48_token_cap():
+    eos = 2
+    assert O.loop_span(48) == 24 and O.loop_span(None) == 64 and O.loop_span(10) == 8
+    loop47 = ([5, 6, 7] * 16)[:47] + [eos]  # 47 looping tokens, then the model happened to stop
+    assert O.is_looping(loop47, eos_id=eos, max_new_tokens=48)
+    text_then_loop = _text_ids(20, 7) + _text_ids(7, 8) * 4  # 20 tokens of text, then 4 x a 7-token period
+    assert len(text_then_loop) == 48 and O.is_looping(text_then_loop, eos_id=eos, max_new_tokens=48)
+    # ... and the same lengths without a loop stay clean
+    assert not O.is_looping(_text_ids(47, 9) + [eos], eos_id=eos, max_new_tokens=48)
+    three = _text_ids(27, 7) + _text_ids(7, 8) * 3  # only 3 repeats of the period
+    assert not O.is_looping(three, eos_id=eos, max_new_tokens=48)
+    assert not O.is_looping([9, 10, 11] * 7 + [eos], eos_id=eos, max_new_tokens=48)  # 21 tokens < the 24 span
+
+
+# -- preference directions ---------------------------------------------------------------------
+
+
+class _ReadingLM(torch.nn.Module):
+    """A fake PWRM language model that reads its prompt: at every position, z_A - z_B = +4 when the text
+    of Response A contains '= 5' and Response B's does not, -4 in the reverse case, 0 otherwise."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok, self.args = tok, ModelArgs(dim=2, n_layers=1, head_dim=2, hidden_dim=2, n_heads=1, n_kv_heads=1,
+                                              vocab_size=tok.vocab_size, max_seq_len=4096)
+        self.embed_tokens = torch.nn.Embedding(tok.vocab_size, 1)
+        self.lm_head = torch.nn.Linear(1, tok.vocab_size, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            self.lm_head.weight[tok.encode("A")[0]] = 1.0
+            self.lm_head.weight[tok.encode("B")[0]] = -1.0
+
+    def forward(self, x, head_fn):
+        out = torch.zeros(x.shape[0], x.shape[1], 1)
+        for r, row in enumerate(x.tolist()):
+            text = self.tok.decode([t for t in row if t != self.tok.pad_id])
+            a, b = text.split("Response A:")[1].split("Response B:")
+            out[r] = 2.0 * (("= 5" in a) - ("= 5" in b))
+        return head_fn(out, self.lm_head.weight)
+
+
+GOOD_ANSWER, BAD_ANSWER = "2 + 3 = 5", "2 + 3 = 6"
+
+
+def test_pwrm_prefers_the_better_response_in_either_order(tok):
+    pwrm = O.PairwiseRewardModel(_ReadingLM(tok), tok)
+    assert pwrm.prob_a_beats_b(CONV, GOOD_ANSWER, BAD_ANSWER) > 0.95
+    assert pwrm.prob_a_beats_b(CONV, BAD_ANSWER, GOOD_ANSWER) < 0.05
+    p = pwrm.probs([(CONV, GOOD_ANSWER, BAD_ANSWER), (CONV, BAD_ANSWER, GOOD_ANSWER), (CONV, GOOD_ANSWER, GOOD_ANSWER)])
+    assert p[0] > 0.95 and p[1] < 0.05 and p[2] == pytest.approx(0.5)
+
+
+def test_judge_pairs_a_loop_loses_whatever_the_pwrm_says(tok):
+    pwrm = O.PairwiseRewardModel(_ReadingLM(tok), tok)
+    cfg = O.ODPOConfig(max_new_tokens=48)
+    clean_bad = tok.encode(BAD_ANSWER) + [tok.eos_id]  # a clean but wrong answer
+    looping_good = tok.encode(GOOD_ANSWER) + tok.encode(" = 5") * 12  # right, then loops to the cap
+    looping_good = looping_good[:48]
+    assert O.is_looping(looping_good, eos_id=tok.eos_id, max_new_tokens=48)
+    assert not O.is_looping(clean_bad, eos_id=tok.eos_id, max_new_tokens=48)
+    assert pwrm.prob_a_beats_b(CONV, looping_good, clean_bad) > 0.95  # the PWRM alone would pick the loop
+    p, keep = O.judge_pairs(pwrm, tok, cfg, [CONV] * 4, [looping_good, clean_bad, looping_good, clean_bad],
+                            [clean_bad, looping_good, looping_good, clean_bad])
+    assert p[:2] == [0.0, 1.0] and keep == [True, True, False, True]
+    assert p[3] == pytest.approx(0.5)  # two equal clean answers: the PWRM's tie
+
+
+def test_rollouts_sample_in_the_trainers_compute_dtype(tok, one_thread):
+    policy = _tiny(tok.vocab_size, seed=3, max_seq_len=128)
+    pwrm = O.PairwiseRewardModel(_tiny(tok.vocab_size, seed=9), tok)
+    cfg = O.ODPOConfig(max_new_tokens=6, max_prompt_tokens=48)
+    loader = O.RolloutLoader(policy, policy, pwrm, tok, [CONV], cfg, 2, dtype=torch.bfloat16)
+    inputs, targets = loader.batch(0)
+    assert loader.weights.dtype == torch.bfloat16 and policy.embed_tokens.weight.dtype == torch.float32
+    assert (targets != -100).sum() > 0 and inputs.shape == targets.shape
+
+
+# -- two processes -----------------------------------------------------------------------------
+
+ODPO_RUN = textwrap.dedent('''
+    import json, sys
+    import torch
+    import data as D, odpo as O, train as T
+
+    def odpo_run(ckpt, pwrm_ckpt, out):
+        """3 ODPO steps of 2 prompts x 2 samples at whatever world size torchrun gave (1 without torchrun):
+        2 micro-batches of one prompt each, accumulated in one process or one per rank in two."""
+        rank, world, _, device = T.setup_distributed()
+        tok = D.Tokenizer.from_file(vocab_size=1256)
+        cfg = T.TrainConfig(out_dir=out, steps=3, batch_size=4, micro_batch_size=2, seq_len=0, lr=2e-2,
+                            warmup_steps=1, dtype="fp32", log_every=0, export=False, weight_decay=0.0)
+        policy = T.build_model(ckpt, cfg, device)
+        reference = T.build_model(ckpt, cfg, device, train=False)
+        pwrm = O.PairwiseRewardModel(T.build_model(pwrm_ckpt, cfg, device, train=False), tok)
+        assert T.is_sharded(policy) == T.is_sharded(pwrm.model) == (world > 1)
+        prompts = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(2, 3), (7, 1)]]
+        r = O.run_odpo(policy, reference, pwrm, tok, prompts, O.ODPOConfig(max_new_tokens=8, max_prompt_tokens=48),
+                       cfg, device=device)
+        if rank == 0:
+            json.dump([[s["loss"], s["grad_norm"]] for s in r["steps"]], open(out + "/losses.json", "w"))
+''')
+exec(ODPO_RUN)
+
+
+def test_odpo_two_gloo_processes_match_one_process(tok, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo; policy, reference and PWRM sharded by FSDP2; rollouts through the
+    engine) gives the losses and gradient norms of one process accumulating the same two micro-batches."""
+    import os, subprocess, sys, json
+    from model import save_model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, seed in (("policy", 3), ("pwrm", 9)):
+        m = _tiny(tok.vocab_size, seed=seed, max_seq_len=128)
+        m.init_weights(seed=seed, std=0.3 if name == "pwrm" else 0.1)
+        save_model(m, str(tmp_path / name))
+    script = tmp_path / "worker.py"
+    script.write_text(ODPO_RUN + "\ntorch.set_num_threads(1)\nodpo_run(*sys.argv[1:4])\nT.exit_process(0)\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        odpo_run(str(tmp_path / "policy"), str(tmp_path / "pwrm"), str(tmp_path / "w1"))
+    finally:
+        torch.set_num_threads(threads)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "policy"), str(tmp_path / "pwrm"), str(tmp_path / "w2")],
+                         capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1 = json.load(open(tmp_path / "w1" / "losses.json"))
+    l2 = json.load(open(tmp_path / "w2" / "losses.json"))
+    assert len(l1) == 3 and all(abs(x) > 1e-6 for x, _ in l1)  # the PWRM gave non-trivial labels
+    assert sum(l1, []) == pytest.approx(sum(l2, []), rel=1e-4)
