@@ -298,8 +298,10 @@ def test_micro_run_mean_reward_rises(tmp_path, capsys):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
     assert out["reward_errors"]["count"] >= 10  # every fifth sample raised, the run went on
     assert "reward function failed" in capsys.readouterr().err
-    # pi_old is the sampler: the trainer's log-probs at T reproduce the engine's (one step per batch)
-    assert max(s["ratio_max_dev"] for s in out["rollouts"]) < 1e-3
+    # pi_old is the trainer's own forward: with one step per batch every ratio is exactly 1, and the
+    # engine's fp32 log-probs reproduce the trainer's
+    assert max(s["ratio_max_dev"] for s in out["rollouts"]) == 0.0
+    assert max(s["sampler_ratio_max_dev"] for s in out["rollouts"]) < 1e-3
 
 
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
