@@ -11,8 +11,8 @@ For each prompt the current policy samples G responses; each gets a reward r_i; 
     J = mean over groups of  sum_i sum_t min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) / sum_i |o_i|
 
 (divided by the group's total generated tokens), with eps_low 0.2, eps_high 0.28, no KL term and no
-reference model. Groups whose rewards are all equal carry no signal and are dropped. One gradient step
-per rollout batch. Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
+reference model. Groups whose rewards are all equal carry no signal and are dropped. `ppo_steps`
+optimizer steps per rollout batch (1 in Magistral). Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
 0, else +0.1), correctness +0.9 (stage 1: a math checker; stage 2: the fraction of rubric items a
 judge says hold), and a soft length penalty down to -0.1 over the last l_cache tokens before the cap.
 
@@ -29,9 +29,10 @@ Deviations and choices where the paper is silent:
  2. "Minibatch" is one rank's rollouts of one optimizer step. Dropped groups leave the objective: the
     mean is over the groups (or sequences, tokens) that are kept, counted over all micro-batches and
     ranks of the step, so micro-batch losses add up to exactly that mean (train.py's contract).
- 3. pi_old is the sampler: the engine's log-probs at the sampling temperature (generate.py, reading
-    guide 5). With one gradient step per batch, rho is 1 up to numerics on the first (only) step, and
-    the gradient is that of A * log pi, clipped where it would overshoot.
+ 3. pi_old is the trainer's own forward (same autocast) at the batch's first of ppo_steps optimizer
+    steps, so rho is exactly 1 there; the engine samples in the trainer's compute dtype and its log-probs
+    only feed `sampler_ratio_max_dev`. rollouts.jsonl: one line per optimizer step, after its last micro-
+    batch's loss, with ratio_max_dev and the shares of tokens clipped low (A < 0) and high (A > 0).
  4. Format gate, ours in detail: after stripping whitespace the response starts with `[THINK]`, holds
     exactly one `[THINK]` and one `[/THINK]`, a non-empty trace and a non-empty answer after it, and
     ended with EOS (a response cut at the cap has not given its final answer). The length penalty
@@ -45,12 +46,12 @@ Deviations and choices where the paper is silent:
     asks a local checkpoint "yes or no" and compares the two tokens' logits; `RuleJudge` checks
     machine-readable items ("contains:", "max_words:", "answer:", ...) and serves the tests.
  7. A reward function that raises scores that sample 0; the error is printed once per kind and
-    counted in the rollout log; the run goes on.
+    counted in the rollout log; the run goes on. `reward_fn` may be a list of (name, weight, fn): the
+    reward is the weighted sum and each one's mean is logged as "reward/<name>".
 
 Run: `python grpo.py --policy CKPT --problems PROBLEMS.jsonl [--held-out HELD.jsonl] --out DIR` (a folder, a
-.gguf file or `smollm2`; `--no-format-gate` for a model that never learned [THINK]; `--help` lists every
-flag); `python experiments/grpo_demo.py` SFTs the embedded cascade's smallest child on easy arithmetic
-and runs GRPO on it, scored on held-out questions. `python -m pytest tests/test_grpo.py -q`.
+.gguf file or `smollm2`; `--help` lists every flag); `python experiments/grpo_demo.py` SFTs the embedded cascade's smallest child on easy arithmetic
+and runs GRPO on it, scored on held-out questions. `python -m pytest tests/test_grpo*.py -q`.
 Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (the tokenizer).
 """
 
@@ -526,8 +527,8 @@ def grpo_loss_fn(loader: RolloutLoader, cfg: GRPOConfig) -> Callable:
             if m.any():
                 ratio, sign = torch.exp(logp - old)[m], A[:, None].expand_as(m)[m]
                 samp = torch.exp(rec["old_logp"].to(dev) - rec["sampler_logp"].to(dev))[m]
-                for k, v in (("ratio_max_dev", (ratio - 1).abs().max()), ("sampler_ratio_max_dev", (samp - 1).abs().max())):
-                    st[k] = max(st.get(k, 0.0), float(v))
+                for k, v in (("ratio_max_dev", ratio), ("sampler_ratio_max_dev", samp)):
+                    st[k] = max(st.get(k, 0.0), float((v - 1).abs().max()))
                 for k, v in (("clipped_low", (sign < 0) & (ratio < 1 - cfg.eps_low)),
                              ("clipped_high", (sign > 0) & (ratio > 1 + cfg.eps_high)), ("tokens", m[m])):
                     st[k] = st.get(k, 0) + int(v.sum())
