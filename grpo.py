@@ -611,7 +611,7 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 class GRPOTrainConfig(TrainConfig):
     """train.py's flags with GRPO defaults."""
     out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})
-    steps: int = 120  # optimizer steps (one per rollout batch)
+    steps: int = 120  # optimizer steps (a rollout batch every ppo_steps of them)
     batch_size: int = 256  # samples per step (global): 32 prompts x G 8
     micro_batch_size: int = 64  # samples per forward (whole groups)
     seq_len: int = 0  # set from the prompts and max_new_tokens

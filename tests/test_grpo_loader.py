@@ -133,3 +133,15 @@ def test_sampler_runs_in_the_trainer_dtype_and_bad_ppo_steps_is_refused():
     assert loader.weights.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="ppo_steps"):
         GR.check_config(GR.GRPOConfig(ppo_steps=0))
+
+
+def test_run_grpo_samples_in_the_train_dtype(tmp_path, monkeypatch):
+    import train as T
+    seen = []
+    real = GR.RolloutWeights
+    monkeypatch.setattr(GR, "RolloutWeights", lambda m, dtype=None: seen.append(dtype) or real(m, dtype=dtype))
+    tcfg = T.TrainConfig(out_dir=str(tmp_path), steps=1, batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=0,
+                         min_lr_ratio=1.0, weight_decay=0.0, dtype="bf16", log_every=0, export=False)
+    GR.run_grpo(tiny_policy(), TOK, PROBLEMS, GR.GRPOConfig(group_size=4, max_new_tokens=4, l_cache=1), tcfg,
+                device="cpu", reward_fn=keyed_reward)
+    assert seen[0] == torch.bfloat16
