@@ -11,8 +11,8 @@ For each prompt the current policy samples G responses; each gets a reward r_i; 
     J = mean over groups of  sum_i sum_t min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) / sum_i |o_i|
 
 (divided by the group's total generated tokens), with eps_low 0.2, eps_high 0.28, no KL term and no
-reference model. Groups whose rewards are all equal carry no signal and are dropped. One gradient step
-per rollout batch. Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
+reference model. Groups whose rewards are all equal carry no signal and are dropped. `ppo_steps`
+optimizer steps per rollout batch (1 in Magistral). Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
 0, else +0.1), correctness +0.9 (stage 1: a math checker; stage 2: the fraction of rubric items a
 judge says hold), and a soft length penalty down to -0.1 over the last l_cache tokens before the cap.
 
@@ -23,15 +23,16 @@ the loss_fn that train.py's loop calls, evaluation, `run_grpo`, the command line
 Deviations and choices where the paper is silent:
  1. Variant switches for comparison: `adv_norm` "minibatch" (Magistral), "group" (GRPO's per-group
     std), "none" (Dr. GRPO); `agg` "group_token" (Magistral), "seq_mean" (GRPO: per-sequence token
-    mean, then mean), "token_mean" (DAPO: all tokens of the batch), "constant" (Dr. GRPO: sum / (N T),
-    T the padded response length); `mask_truncated` drops responses cut at the cap from the loss (DAPO's
+    mean, then mean), "token_mean" (DAPO: all tokens of the batch), "constant" (Dr. GRPO: sum / (N L_max),
+    L_max = max_new_tokens); `mask_truncated` drops responses cut at the cap from the loss (DAPO's
     overlong filtering). Standard deviations are population ones (divide by n).
  2. "Minibatch" is one rank's rollouts of one optimizer step. Dropped groups leave the objective: the
     mean is over the groups (or sequences, tokens) that are kept, counted over all micro-batches and
     ranks of the step, so micro-batch losses add up to exactly that mean (train.py's contract).
- 3. pi_old is the sampler: the engine's log-probs at the sampling temperature (generate.py, reading
-    guide 5). With one gradient step per batch, rho is 1 up to numerics on the first (only) step, and
-    the gradient is that of A * log pi, clipped where it would overshoot.
+ 3. pi_old is the trainer's own forward (same autocast) at the batch's first of ppo_steps optimizer
+    steps, so rho is exactly 1 there; the engine samples in the trainer's compute dtype and its log-probs
+    only feed `sampler_ratio_max_dev`. rollouts.jsonl: one line per optimizer step, after its last micro-
+    batch's loss, with ratio_max_dev and the shares of tokens clipped low (A < 0) and high (A > 0).
  4. Format gate, ours in detail: after stripping whitespace the response starts with `[THINK]`, holds
     exactly one `[THINK]` and one `[/THINK]`, a non-empty trace and a non-empty answer after it, and
     ended with EOS (a response cut at the cap has not given its final answer). The length penalty
@@ -45,12 +46,12 @@ Deviations and choices where the paper is silent:
     asks a local checkpoint "yes or no" and compares the two tokens' logits; `RuleJudge` checks
     machine-readable items ("contains:", "max_words:", "answer:", ...) and serves the tests.
  7. A reward function that raises scores that sample 0; the error is printed once per kind and
-    counted in the rollout log; the run goes on.
+    counted in the rollout log; the run goes on. `reward_fn` may be a list of (name, weight, fn): the
+    reward is the weighted sum and each one's mean is logged as "reward/<name>".
 
 Run: `python grpo.py --policy CKPT --problems PROBLEMS.jsonl [--held-out HELD.jsonl] --out DIR` (a folder, a
-.gguf file or `smollm2`; `--no-format-gate` for a model that never learned [THINK]; `--help` lists every
-flag); `python experiments/grpo_demo.py` SFTs the embedded cascade's smallest child on easy arithmetic
-and runs GRPO on it, scored on held-out questions. `python -m pytest tests/test_grpo.py -q`.
+.gguf file or `smollm2`; `--help` lists every flag); `python experiments/grpo_demo.py` SFTs the embedded cascade's smallest child on easy arithmetic
+and runs GRPO on it, scored on held-out questions. `python -m pytest tests/test_grpo*.py -q`.
 Depends on: model.py, generate.py (rollouts), train.py (the loop), data.py (the tokenizer).
 """
 
@@ -97,6 +98,7 @@ class GRPOConfig:
     reward: str = "math"  # "math" (stage 1, verifiable) or "rubric" (stage 2, judge)
     format_gate: bool = True  # require [THINK]...[/THINK] + answer; off: the whole response is the answer
     eval_every_steps: int = 30  # held-out evaluation every N steps (and at the end)
+    ppo_steps: int = 1  # optimizer steps per rollout batch; pi_old stays the trainer's before the first
 
 
 VARIANTS = {"adv_norm": ("minibatch", "group", "none"), "agg": ("group_token", "seq_mean", "token_mean", "constant")}
@@ -113,6 +115,8 @@ def check_config(cfg: GRPOConfig):
         raise ValueError(f"temperature {cfg.temperature}: GRPO samples, so it must be > 0 (1.0 in Magistral)")
     if not 0 <= cfg.l_cache < cfg.max_new_tokens:
         raise ValueError(f"l_cache {cfg.l_cache} must lie in [0, max_new_tokens {cfg.max_new_tokens})")
+    if cfg.ppo_steps < 1:
+        raise ValueError(f"ppo_steps {cfg.ppo_steps}: each rollout batch needs at least one optimizer step; pass 1 or more")
     if cfg.reward not in ("math", "rubric"):
         raise ValueError(f"reward {cfg.reward!r}: choose 'math' or 'rubric'")
 
@@ -150,9 +154,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "miniba
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              group_size: int, eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "group_token") -> torch.Tensor:
+              group_size: int, eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "group_token",
+              max_new_tokens: Optional[int] = None) -> torch.Tensor:
     """Minus the clipped objective. logp, old_logp, mask [N, T] (mask 1 = a generated token that counts),
-    advantages [N]; samples of a group contiguous. agg: reading guide, deviation 1. A batch with no
+    advantages [N]; samples of a group contiguous. agg: reading guide, deviation 1; "constant" divides by
+    N x max_new_tokens (the response budget, not T, which also spans the prompt). A batch with no
     counted token gives a zero that still depends on logp (so backward runs everywhere)."""
     N, T = logp.shape
     if N % group_size:
@@ -173,7 +179,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     elif agg == "token_mean":
         J = obj_NT.sum() / m.sum().clamp(min=1)
     elif agg == "constant":
-        J = obj_NT.sum() / (N * T)
+        if max_new_tokens is None:
+            raise ValueError('agg "constant" needs max_new_tokens (the response length budget)')
+        J = obj_NT.sum() / (N * max_new_tokens)
     else:
         raise ValueError(f"agg {agg!r}: choose group_token, seq_mean, token_mean or constant")
     return -J + 0.0 * logp.sum()
@@ -363,7 +371,8 @@ class RolloutLoader:
     units (deviation 2); `grpo_loss_fn` pops them in order and checks the tokens match."""
 
     def __init__(self, model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, reward_fn, *,
-                 micro_batch_size: int, grad_accum: int, seed: int = 0, log_path: Optional[str] = None):
+                 micro_batch_size: int, grad_accum: int, seed: int = 0, log_path: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None):
         check_config(cfg)
         if micro_batch_size % cfg.group_size:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be a multiple of group_size {cfg.group_size} "
@@ -380,12 +389,16 @@ class RolloutLoader:
                                  f"{cfg.max_new_tokens} it exceeds the context {ctx}: drop it or lower --max-new-tokens")
         self.B, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.seq_len = max(len(i) for i in self.ids) + cfg.max_new_tokens - 1
-        self.ready: deque = deque()
         self.queue: deque = deque()
         self.log_path, self.stats, self.reward_errors = log_path, [], {}
         self.weights: Optional[RolloutWeights] = None
+        self.dtype = dtype  # the trainer's compute dtype: the engine samples in it (deviation 3)
+        self.rollout_recs: list[dict] = []
+        # reward_fn: one callable, or [(name, weight, fn), ...] summed with their weights
+        self.rewards = [("reward", 1.0, reward_fn)] if callable(reward_fn) else list(reward_fn)
 
     def _prompts_for(self, step: int) -> list[int]:
+        step //= self.cfg.ppo_steps  # the rollout batch's index
         rank, world = rank_world()
         n = self.accum * self.B // self.cfg.group_size
         out = []
@@ -403,7 +416,7 @@ class RolloutLoader:
         idx = self._prompts_for(step)
         t0, c0 = time.perf_counter(), time.process_time()
         if self.weights is None:
-            self.weights = RolloutWeights(self.model)
+            self.weights = RolloutWeights(self.model, dtype=self.dtype)
         else:
             self.weights.refresh(self.model)  # the weights after the last optimizer step (collective under FSDP2)
         rc = RolloutConfig(max_new_tokens=cfg.max_new_tokens, group_size=G, temperature=cfg.temperature,
@@ -415,7 +428,8 @@ class RolloutLoader:
             body = toks[:n - 1] if not trunc else toks[:n]  # the EOS is not text
             samples.append({"text": tok.decode(body, special="keep"), "tokens": toks[:n], "n_tokens": n,
                             "truncated": trunc, "problem": self.problems[idx[row // G]]})
-        rewards = torch.tensor(safe_rewards(self.reward_fn, samples, self.reward_errors))
+        parts_R = {name: torch.tensor(safe_rewards(fn, samples, self.reward_errors)) for name, _, fn in self.rewards}
+        rewards = sum(w * parts_R[name] for name, w, _ in self.rewards)
         adv, kept = group_advantages(rewards, G, cfg.adv_norm, cfg.std_eps)
         N, T = r.tokens.shape[0], self.seq_len
         inputs = torch.full((N, T), tok.pad_id, dtype=torch.long)
@@ -433,8 +447,8 @@ class RolloutLoader:
         recs = []
         for m in range(self.accum):
             sl = slice(m * self.B, (m + 1) * self.B)
-            recs.append({"inputs": inputs[sl], "targets": targets[sl], "old_logp": old[sl], "adv": adv[sl],
-                         "mask": mask[sl], "units": loss_units(mask[sl], G, cfg.agg)})
+            recs.append({"inputs": inputs[sl], "targets": targets[sl], "old_logp": None, "sampler_logp": old[sl],
+                         "adv": adv[sl], "mask": mask[sl], "units": loss_units(mask[sl], G, cfg.agg), "m": m})
         total = sum(x["units"] for x in recs)
         if dist.is_initialized():
             t = torch.tensor([float(total)], dtype=torch.float64,
@@ -443,7 +457,7 @@ class RolloutLoader:
             total = int(t.item())
         for x in recs:
             x["global_units"] = max(total, 1)
-            self.ready.append(x)
+        self.rollout_recs = recs
         parts = [final_part(s["text"], s["truncated"], cfg.format_gate) for s in samples]
         correct = [p is not None and _safe_correct(p, s["problem"]) for p, s in zip(parts, samples)]
         std_G = rewards.view(-1, G).std(-1, correction=0)
@@ -453,19 +467,26 @@ class RolloutLoader:
                 "zero_variance_groups": float((std_G < cfg.std_eps).float().mean()),
                 "reward_errors": self.reward_errors.get("count", 0), "rollout_s": t_roll,
                 "rollout_cpu_s": time.process_time() - c0, "new_tokens": int(r.lengths.sum()),
-                "rollout_tok_s": float(r.lengths.sum()) / max(t_roll, 1e-9)}
-        self.stats.append(stat)
-        if self.log_path and rank == 0:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(stat) + "\n")
+                "rollout_tok_s": float(r.lengths.sum()) / max(t_roll, 1e-9),
+                **{f"reward/{name}": float(v.mean()) for name, v in parts_R.items() if len(self.rewards) > 1}}
+        self.rollout_stat = stat
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i % self.accum == 0:
-            self.ready.clear()
-            self._roll(i // self.accum)
-        rec = self.ready.popleft()
+        """Rolls at the first micro-batch of every ppo_steps-th optimizer step; the others replay its micro-batches."""
+        step, m = divmod(i, self.accum)
+        if m == 0:
+            if step % self.cfg.ppo_steps == 0:
+                self._roll(step)
+            self.stats.append({**self.rollout_stat, "step": step + 1, "ppo_step": step % self.cfg.ppo_steps})
+        rec = self.rollout_recs[m]
         self.queue.append(rec)
         return rec["inputs"], rec["targets"]
+
+    def log_step(self):
+        """Writes the step's line once its last micro-batch's loss has added the ratio diagnostics."""
+        if self.log_path and rank_world()[0] == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(self.stats[-1]) + "\n")
 
 
 def _safe_correct(answer: str, problem: dict) -> bool:
@@ -497,14 +518,24 @@ def grpo_loss_fn(loader: RolloutLoader, cfg: GRPOConfig) -> Callable:
             raise RuntimeError("grpo: the loss got a batch the rollout loader did not queue (out of order)")
         logp = token_logprobs(model, inputs_BT, targets_BT, cfg.temperature)
         dev = logp.device
-        loss = grpo_loss(logp, rec["old_logp"].to(dev), rec["adv"].to(dev), rec["mask"].to(dev), cfg.group_size,
-                         cfg.eps_low, cfg.eps_high, cfg.agg)
+        if rec["old_logp"] is None:  # first optimizer step on this batch: pi_old is this very forward
+            rec["old_logp"] = logp.detach().cpu()
+        old, m, A = rec["old_logp"].to(dev), rec["mask"].to(dev), rec["adv"].to(dev)
+        loss = grpo_loss(logp, old, A, m, cfg.group_size, cfg.eps_low, cfg.eps_high, cfg.agg, cfg.max_new_tokens)
         with torch.no_grad():
-            m = rec["mask"].to(dev)
+            st = loader.stats[-1]
             if m.any():
-                ratio = torch.exp(logp - rec["old_logp"].to(dev))[m]
-                loader.stats[-1]["ratio_max_dev"] = max(loader.stats[-1].get("ratio_max_dev", 0.0),
-                                                        float((ratio - 1).abs().max()))
+                ratio, sign = torch.exp(logp - old)[m], A[:, None].expand_as(m)[m]
+                samp = torch.exp(rec["old_logp"].to(dev) - rec["sampler_logp"].to(dev))[m]
+                for k, v in (("ratio_max_dev", ratio), ("sampler_ratio_max_dev", samp)):
+                    st[k] = max(st.get(k, 0.0), float((v - 1).abs().max()))
+                for k, v in (("clipped_low", (sign < 0) & (ratio < 1 - cfg.eps_low)),
+                             ("clipped_high", (sign > 0) & (ratio > 1 + cfg.eps_high)), ("tokens", m[m])):
+                    st[k] = st.get(k, 0) + int(v.sum())
+            if rec["m"] == loader.accum - 1:
+                n = max(st.pop("tokens", 0), 1)
+                st["clip_frac_low"], st["clip_frac_high"] = st.pop("clipped_low", 0) / n, st.pop("clipped_high", 0) / n
+                loader.log_step()
         return loss * rec["units"] / rec["global_units"]
     return loss_fn
 
@@ -553,7 +584,8 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
     os.makedirs(train_cfg.out_dir, exist_ok=True)
     loader = RolloutLoader(model, tok, problems, cfg, reward_fn or make_reward(cfg, judge),
                            micro_batch_size=train_cfg.micro_batch_size, grad_accum=accum, seed=train_cfg.seed,
-                           log_path=os.path.join(train_cfg.out_dir, "rollouts.jsonl"))
+                           log_path=os.path.join(train_cfg.out_dir, "rollouts.jsonl"),
+                           dtype=torch.bfloat16 if train_cfg.dtype == "bf16" else torch.float32)
     train_cfg = dataclasses.replace(train_cfg, seq_len=loader.seq_len, eval_every=cfg.eval_every_steps)
     start_file = os.path.join(train_cfg.out_dir, "eval_start.json")
     start = None
@@ -579,7 +611,7 @@ def run_grpo(model: Transformer, tok, problems: list[dict], cfg: GRPOConfig, tra
 class GRPOTrainConfig(TrainConfig):
     """train.py's flags with GRPO defaults."""
     out_dir: str = dataclasses.field(default="runs/grpo", metadata={"flags": ("--out",)})
-    steps: int = 120  # optimizer steps (one per rollout batch)
+    steps: int = 120  # optimizer steps (a rollout batch every ppo_steps of them)
     batch_size: int = 256  # samples per step (global): 32 prompts x G 8
     micro_batch_size: int = 64  # samples per forward (whole groups)
     seq_len: int = 0  # set from the prompts and max_new_tokens

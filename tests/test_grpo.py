@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- the loss ------------------------------------------------------------------------------------------
 
-def loss_by_loops(logp, old, adv, mask, G, eps_low, eps_high, agg):
+def loss_by_loops(logp, old, adv, mask, G, eps_low, eps_high, agg, L=None):
     """The objective written token by token, as the equation reads (minus sign: a loss)."""
     N, T_ = logp.shape
     term = [[None] * T_ for _ in range(N)]
@@ -45,7 +45,7 @@ def loss_by_loops(logp, old, adv, mask, G, eps_low, eps_high, agg):
     total = sum(term[i][t] for i in range(N) for t in range(T_) if mask[i, t])
     if agg == "token_mean":
         return -total / int(mask.sum())
-    return -total / (N * T_)
+    return -total / (N * L)  # "constant": the response budget L = max_new_tokens, not the padded T
 
 
 @pytest.mark.parametrize("agg", ["group_token", "seq_mean", "token_mean", "constant"])
@@ -59,8 +59,8 @@ def test_loss_equals_per_token_equation(agg):
     mask[0] = False  # an empty sequence
     lengths_differ = mask.sum(-1)
     assert len(set(lengths_differ.tolist())) > 2  # so the aggregations really differ
-    ours = GR.grpo_loss(logp, old, adv, mask, G, 0.2, 0.28, agg)
-    ref = loss_by_loops(logp, old, adv, mask, G, 0.2, 0.28, agg)
+    ours = GR.grpo_loss(logp, old, adv, mask, G, 0.2, 0.28, agg, max_new_tokens=4)
+    ref = loss_by_loops(logp, old, adv, mask, G, 0.2, 0.28, agg, L=4)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     g1, = torch.autograd.grad(ours, logp)
     g2, = torch.autograd.grad(ref, logp)
@@ -298,8 +298,10 @@ def test_micro_run_mean_reward_rises(tmp_path, capsys):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
     assert out["reward_errors"]["count"] >= 10  # every fifth sample raised, the run went on
     assert "reward function failed" in capsys.readouterr().err
-    # pi_old is the sampler: the trainer's log-probs at T reproduce the engine's (one step per batch)
-    assert max(s["ratio_max_dev"] for s in out["rollouts"]) < 1e-3
+    # pi_old is the trainer's own forward: with one step per batch every ratio is exactly 1, and the
+    # engine's fp32 log-probs reproduce the trainer's
+    assert max(s["ratio_max_dev"] for s in out["rollouts"]) == 0.0
+    assert max(s["sampler_ratio_max_dev"] for s in out["rollouts"]) < 1e-3
 
 
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
