@@ -30,7 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
-from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
+from measure import emit, mem_mark, mem_peak, run_fresh, sync  # noqa: E402
 
 CPU_SHAPE = dict(tokens=2048, vocab=131072, d_student=256, d_teacher=512, dtype="float32")
 GPU_SHAPE = dict(tokens=16384, vocab=131072, d_student=3072, d_teacher=5120, dtype="bfloat16")
@@ -146,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-size", type=int)
     ap.add_argument("--variants", help="comma-separated subset of naive,fused,liger")
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/records.jsonl")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -153,7 +154,8 @@ def main(argv=None):
         return
     res = bench_kl(a.device, a.tokens, a.vocab, a.d_student, a.d_teacher, a.dtype, a.repeats, a.chunk_size,
                    a.variants.split(",") if a.variants else None)
-    print(json.dumps(res))
+    import bench  # the one environment() (date, device, torch, commit, command)
+    emit({"env": bench.environment(a.device), "kl": res}, a.record)
 
 
 if __name__ == "__main__":

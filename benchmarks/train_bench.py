@@ -39,7 +39,7 @@ if ROOT not in sys.path:
 import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
-from measure import mem_mark, mem_peak, run_fresh, sync  # noqa: E402
+from measure import emit, mem_mark, mem_peak, run_fresh, sync  # noqa: E402
 
 CPU_SHAPE = dict(preset="bench-cpu", batch=8, seq=256, dtype="float32")
 GPU_SHAPE = dict(preset="3b", batch=2, seq=4096, dtype="bfloat16")
@@ -140,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--preset")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/records.jsonl")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -147,7 +148,8 @@ def main(argv=None):
         return
     res = bench_train_step(a.device, a.impls.split(",") if a.impls else None, a.chunk_size, preset=a.preset,
                            batch=a.batch, seq=a.seq)
-    print(json.dumps(res))
+    import bench  # the one environment() (date, device, torch, commit, command)
+    emit({"env": bench.environment(a.device), "train": res}, a.record)
 
 
 if __name__ == "__main__":
