@@ -10,9 +10,8 @@ For each prompt the current policy samples G responses; each gets a reward r_i; 
 
     J = mean over groups of  sum_i sum_t min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) / sum_i |o_i|
 
-(divided by the group's total generated tokens), with eps_low 0.2, eps_high 0.28, no KL term and no
-reference model. Groups whose rewards are all equal carry no signal and are dropped. `ppo_steps`
-optimizer steps per rollout batch (1 in Magistral). Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
+(divided by the group's total generated tokens), eps_low 0.2, eps_high 0.28, no KL term, no reference
+model; constant-reward groups are dropped; `ppo_steps` optimizer steps per rollout batch. Rewards: a format gate (`[THINK]...[/THINK]` then a final answer; wrong format =
 0, else +0.1), correctness +0.9 (stage 1: a math checker; stage 2: the fraction of rubric items a
 judge says hold), and a soft length penalty down to -0.1 over the last l_cache tokens before the cap.
 
@@ -33,15 +32,11 @@ Deviations and choices where the paper is silent:
     steps, so rho is exactly 1 there; the engine samples in the trainer's compute dtype and its log-probs
     only feed `sampler_ratio_max_dev`. rollouts.jsonl: one line per optimizer step, after its last micro-
     batch's loss, with ratio_max_dev and the shares of tokens clipped low (A < 0) and high (A > 0).
- 4. Format gate, ours in detail: after stripping whitespace the response starts with `[THINK]`, holds
-    exactly one `[THINK]` and one `[/THINK]`, a non-empty trace and a non-empty answer after it, and
-    ended with EOS (a response cut at the cap has not given its final answer). The length penalty
-    applies to well-formatted responses only (a failed gate is 0, as in Magistral). `--no-format-gate`
-    (for a model that never learned [THINK], such as SmolLM2) reads the whole ended response as the answer.
- 5. Answer parsing: only the text after `[/THINK]` counts; a `\\boxed{}` wins over plain text, and
-    several boxed answers that disagree score as wrong (hedging); otherwise the last number counts.
-    Numbers may be negative (ASCII, U+2212 minus, U+FE63, U+FF0D), use thousands separators, decimals,
-    `a/b` or `\\frac{a}{b}`, and compare exactly as fractions.
+ 4. Format gate: the stripped response starts with `[THINK]`, holds one `[THINK]` and one `[/THINK]`, a
+    non-empty trace and answer, and ended with EOS. The length penalty applies to well-formatted
+    responses only. `--no-format-gate` (a model that never learned [THINK]) reads the whole answer.
+ 5. Answers: only the text after `[/THINK]` counts; a `\\boxed{}` wins, disagreeing boxed answers are
+    wrong, else the last number; signs, separators, decimals and fractions compare exactly.
  6. Stage 2's judge is an interface (`Judge.holds(question, response, item) -> bool`). `ModelJudge`
     asks a local checkpoint "yes or no" and compares the two tokens' logits; `RuleJudge` checks
     machine-readable items ("contains:", "max_words:", "answer:", ...) and serves the tests.
