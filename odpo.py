@@ -13,33 +13,26 @@ the trainer's compute dtype); a pairwise reward model, itself an LLM of the same
 A response caught in an endless loop loses (p = 0 or 1) before the PWRM is asked; a pair where both
 loop is dropped. A reasoning model's `[THINK]...[/THINK]` trace is stripped before the PWRM reads it.
 
-The file reads top-down: the loss (`soft_dpo_loss`), the loop detector (`is_looping`), think stripping
-(`strip_think`), the PWRM (`PairwiseRewardModel`: prompt format, both-order score, temperature
-calibration, expected calibration error, `pwrm_conversations` for its SFT), summed response log-probs
-(`response_logprobs`, distill.py's fused CE per row), the online loop (`RolloutLoader` feeding train.py's
-one loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the command line.
+The file reads top-down: the loss, the loop detector, think stripping, the PWRM (both-order score,
+calibration, ECE), summed response log-probs, the online loop (`RolloutLoader` feeding train.py's one
+loop, `odpo_loss_fn`, `evaluate_policy`, `run_odpo`), then the command line.
 
 Deviations and choices where the paper is silent:
  1. The division by beta ("beta-rescaling") is PAPER.md's reading: the gradient at h = 0 is -(p - 1/2)
     whatever beta is, the minimiser is h = logit(p) / beta. `rescale=False` gives the plain soft DPO
     loss, and p in {0, 1} without rescaling is standard DPO; `labels="hard"` rounds p (ablations).
  2. PWRM score: the probability of the answer token "A" against "B" at the position after the prompt,
-    softmax restricted to those two tokens, with the logit margin divided by a temperature. Both
-    presentation orders are scored and their probabilities averaged, p = (P_AB + 1 - P_BA) / 2, so
-    p(a, b) + p(b, a) = 1 exactly. The temperature is the one that minimises the negative
-    log-likelihood of that averaged p on held-out labelled pairs (a 1-D search over log T).
+    softmax restricted to those two tokens, margin / temperature; both orders averaged, p = (P_AB + 1 -
+    P_BA) / 2, so p(a, b) + p(b, a) = 1. T minimises the NLL of p on held-out labelled pairs.
  3. Loop detector (ours, PAPER.md section 8 names the failure, not a rule): after dropping a final
-    EOS, the tail repeats a period of P tokens at least 4 times over at least loop_span(cap) tokens
-    (64, or half the length cap when that is shorter, so it can fire at the caps post-training uses);
-    or the response hit the length cap (no EOS) and fewer than 30% of its 4-grams are distinct. It is
-    the project's one loop detector: the experiments' loop columns use it too.
+    EOS, the tail repeats a period at least 4 times over at least loop_span(cap) tokens (64, or half a
+    shorter cap), or the response hit the cap without EOS with under 30% distinct 4-grams. It is the
+    project's one loop detector: the experiments' loop columns use it too.
  4. The per-step loss is the sum over kept pairs divided by the number of pair slots in the GLOBAL
-    optimizer step (train.py's contract: micro-batch losses add up). A dropped pair therefore shrinks
-    the step instead of re-weighting the others; `stats` logs how many were dropped.
+    optimizer step (micro-batch losses add up): a dropped pair shrinks the step; `stats` counts them.
  5. train.py's loop consumes (inputs, targets) batches; the rollout loader samples, judges and computes
-    the reference log-probs when the loop asks for a batch, and queues the soft labels for the loss,
-    which pops them in the same order (and checks the tokens match). Rows 2k and 2k+1 of a micro-batch
-    are the two responses to one prompt; prompt and padding targets are -100.
+    the reference log-probs when the loop asks for a batch, and queues the labels for the loss (which
+    checks the tokens match). Rows 2k and 2k+1 answer one prompt; prompt and padding targets are -100.
  6. The paper's preference data and its PWRM are unpublished. experiments/odpo_demo.py trains a PWRM
     on pairs labelled by honest rules on data.py's arithmetic (experiments/pwrm.py) and runs this loop.
  7. Any world size (torchrun, FSDP2 through train.py). Every rank must call each sharded model the same
