@@ -36,7 +36,7 @@ def test_a_step_past_its_budget_is_stopped(tmp_path):
     head = script.split('if [ "$DRY" = 1 ]; then\n    step install')[0]
     probe = tmp_path / "probe.sh"
     head = head.replace('cd "$(dirname "$0")/.."', f'cd "{ROOT}"')
-    probe.write_text(head + 'step sleepy 1 "echo none" -- sleep 30\nstep quick 5 "echo fine" -- true\n')
+    probe.write_text(head + 'step sleepy 1 "echo none" -- sleep 60\nstep quick 5 "echo fine" -- true\n')
     r = subprocess.run(["bash", str(probe), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
