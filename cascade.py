@@ -86,6 +86,8 @@ class CascadeConfig:
     data: Optional[str] = None  # token shards (python data.py prepare) or .txt/.jsonl documents; None = Python corpus
     chat_data: Optional[str] = None  # .jsonl chats ({"messages": [...]}) added to the distillation data, in the
     #   parent's chat format (data.chat_tokens): data that covers the abilities a chat parent should keep
+    chat_share: Optional[float] = None  # repeat --chat-data until it is about this share of the distillation
+    #   tokens (0 < share < 1); None = each chat once
     val_data: Optional[str] = None  # held-out tokens; None = the corpus's own split
     tokenizer: Optional[str] = None  # tekken.json; None = the parent's own, else mistral-common's
     teacher: Optional[str] = None  # None = the parent (paper); a path = another teacher
@@ -145,7 +147,7 @@ PRESETS = {
     "paper": Preset(_stages(0, 500_000, 5_000, 128, 1, 16384, 262144, 1e-4, 1e-4, "bf16", 256, 8, ckpt_every=1000)),
     # A small pretrained parent (~100M parameters) is fine-tuned, not retrained: a low distillation rate.
     "cpu-real": Preset(_stages(0, 64, 16, 8, 8, 128, 256, 3e-4, 1e-4, "fp32", 32, 4), children="ratios", corpus=True),
-    "gpu-real": Preset(_stages(0, 2000, 200, 32, 8, 2048, 8192, 3e-4, 3e-4, "bf16", 256, 16), children="ratios",
+    "gpu-real": Preset(_stages(0, 150, 20, 32, 8, 2048, 8192, 3e-4, 3e-4, "bf16", 256, 1), children="ratios",
                        corpus=True),
 }
 # -----------------------------------------------------------------------------
@@ -448,6 +450,8 @@ def validate(cfg: CascadeConfig, world: int):
         bad("dtype", repr(cfg.dtype), "is unknown: choose fp32 or bf16")
     if cfg.chat_data is not None and not os.path.isfile(cfg.chat_data):
         bad("chat-data", repr(cfg.chat_data), 'is not a file: give a .jsonl file with one {"messages": [...]} per line')
+    if cfg.chat_share is not None and (cfg.chat_data is None or not 0 < cfg.chat_share < 1):
+        bad("chat-share", cfg.chat_share, "needs --chat-data and a share strictly between 0 and 1")
     if cfg.batch_size % (cfg.micro_batch_size * world):
         bad("batch-size", cfg.batch_size, f"is not a multiple of --micro-batch-size {cfg.micro_batch_size} x "
             f"{world} processes = {cfg.micro_batch_size * world}: change either, or leave --micro-batch-size out "
@@ -517,7 +521,7 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
 # eval_*.json instead and recomputed. Micro-batch, world size, checkpointing, compile and the teacher cache
 # change no result.
 FIRST_STAGE_CHANGED = {
-    **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "tokenizer", "preset", "seed", "parent_steps",
+    **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed", "parent_steps",
                      "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
     **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs"), "init"),
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
@@ -591,7 +595,8 @@ def prepare(cfg: CascadeConfig, preset: Preset, rank: int, world: int, device, l
     ctx = Context(rank, world, device, train_tokens, val_tokens, test_tokens, heldout, tok)
     TR.print0(f"data: {len(train_tokens):,} train / {len(val_tokens):,} validation / {len(test_tokens):,} test "
              f"tokens, vocab {tok.vocab_size}; held-out {heldout['ngram']}-token windows also in training: "
-             f"{heldout.get('overlap_before', '?')} before de-duplication, {heldout.get('overlap_after', '?')} after "
+             f"{heldout.get('overlap_before', '?')} before de-duplication, {heldout.get('overlap_after', '?')} after; "
+             f"chat tokens {heldout['chat_tokens']:,} ({100 * heldout['chat_share']:.0f}% of train) "
              f"({time.time() - t0:.1f}s)")
     return ctx, plan
 
@@ -628,10 +633,15 @@ def load_data(cfg: CascadeConfig, preset: Preset, plan: Plan):
                 raise ValueError(f"--data {cfg.data} holds {len(train_tokens)} tokens, too few to hold out {n_val} "
                                  f"for evaluation: give more data or --val-data")
             train_tokens, held = train_tokens[:-n_val], train_tokens[-n_val:]
+    chats = np.zeros(0, dtype=np.uint32)
     if cfg.chat_data is not None:
-        train_tokens = np.concatenate([np.asarray(train_tokens), D.chat_tokens(cfg.chat_data, tok)])
+        chats = D.chat_tokens(cfg.chat_data, tok)
+        if cfg.chat_share is not None:  # whole copies of the file, the number that comes closest to the share
+            chats = np.tile(chats, max(1, round(cfg.chat_share / (1 - cfg.chat_share) * len(train_tokens) / len(chats))))
+        train_tokens = np.concatenate([np.asarray(train_tokens), chats])
     held = np.asarray(held)  # the held-out text is small: in memory
     held, info = D.dedupe_heldout(train_tokens, held, D.DEDUP_NGRAM, tok.bos_id, tok.eos_id)
+    info |= {"chat_tokens": len(chats), "chat_share": round(len(chats) / len(train_tokens), 4)}
     val_tokens, test_tokens = D.split_in_two(held, tok.eos_id)
     return tok, train_tokens, val_tokens, test_tokens, info
 
@@ -698,6 +708,9 @@ def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: d
              "Tokens seen include everything upstream: the parent's pretraining and every distillation stage on "
              "the chain of checkpoints that led to the row (each size is pruned from the previous size's short "
              "child).", *notes,
+             *([f"Distillation data: {h['chat_tokens']:,} of the {len(ctx.train_tokens):,} training tokens "
+                f"({100 * h['chat_share']:.1f}%) are the chats of --chat-data {cfg.chat_data} (--chat-share "
+                f"{cfg.chat_share}); the rest is the corpus."] if h.get("chat_tokens") else []),
              f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch "
              f"threads), torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, "
              f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "

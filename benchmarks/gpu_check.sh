@@ -11,7 +11,8 @@
 #   train     60  the 3B train step, ours vs transformers
 #   decode    60  the 3B rollout engine vs transformers' generate, with MBU
 #   sft_fp8   40  one SFT step in bf16 and in FP8
-#   cascade  110  a short gpu-real cascade of SmolLM2 to the 14B ratios
+#   cascade  110  a short gpu-real cascade of SmolLM2 to the 14B ratios on the committed chat mix
+#                 (benchmarks/smollm2/mix), its children scored on the held-out task families
 # A step that runs past its budget is stopped (status "timeout") and the next one starts. Every step's
 # output goes to OUT/<step>.log; the benchmark rows are appended to benchmarks/records.jsonl as usual and
 # copied to OUT/records.jsonl; OUT/summary.md is rewritten after every step, so a failure or a kill
@@ -98,7 +99,8 @@ if [ "$DRY" = 1 ]; then
     step sft_fp8 40 "$(jkey 'print([(r["precision"], r.get("tokens_per_s") or r.get("unavailable")) for r in d["rows"]])')" \
         -- $PY benchmarks/sft_bench.py --device cpu --iters 1 --record
     step cascade 110 "grep -E '^\| 3b base|^\| 14b base|finished' \"\$LOG\" | tail -n 2" \
-        -- $PY cascade.py --preset smoke --out "$OUT_DIR/cascade"
+        -- $PY cascade.py --preset smoke --chat-data benchmarks/smollm2/mix/chat_mix.jsonl --chat-share 0.3 \
+           --out "$OUT_DIR/cascade"
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     step install 90 "grep -iE 'liger|Successfully installed' \"\$LOG\" | tail -n 2" -- bash -c "
@@ -118,9 +120,10 @@ else
         -- $PY benchmarks/rollout_bench.py --device cuda --rounds 2 --record
     step sft_fp8 40 "$(jkey 'print([(r["precision"], r.get("tokens_per_s") or r.get("unavailable")) for r in d["rows"]])')" \
         -- $PY benchmarks/sft_bench.py --device cuda --iters 3 --record
-    step cascade 110 "grep -E '^\| 14b base|finished' \"\$LOG\" | tail -n 2" \
-        -- $PY cascade.py --parent smollm2 --preset gpu-real --size 14b --short-steps 40 --long-steps 5 \
-           --calib-seqs 32 --eval-batches 4 --out "$OUT_DIR/cascade"
+    step cascade 110 "grep -hE '^\| 14b base|finished' \"\$LOG\" \"$OUT_DIR/cascade/results/table.md\" | tail -n 2" \
+        -- $PY experiments/real_parent.py --parent smollm2 --preset gpu-real --size 14b --short-steps 40 \
+           --long-steps 5 --calib-seqs 32 --eval-batches 1 --chat-data benchmarks/smollm2/mix/chat_mix.jsonl \
+           --chat-share 0.5 --math-problems 100 --out "$OUT_DIR/cascade" --results "$OUT_DIR/cascade/results"
 fi
 
 write_summary

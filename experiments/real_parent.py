@@ -1,16 +1,21 @@
-"""A real pretrained parent's cascade, scored on tasks as well as on held-out text.
+"""A real pretrained parent's cascade, scored on held-out tasks as well as on held-out text.
 
 `python cascade.py --parent smollm2 --preset cpu-real` gives the retention table (held-out CE, KL, kept);
 this experiment runs the same cascade, then asks every model that matters (the parent, each size's pruned
-and base child) held-out questions through the parent's chat template and scores the greedy answers by
-exact match: one-digit sums (data.math_problems, level "easy", from a seed no training split draws), and
-three fixed sample prompts shown in the record as answered. Each model's scores are cached in
-<stage>/tasks.json under the settings they depend on.
+and base child) the held-out task families of experiments/chat_mix.py through the parent's chat template
+and scores the greedy answers: one-digit sums, the same sums in number words, and capitals, each child's
+score also as a share of the parent's; three fixed sample prompts are shown as answered. No training data
+holds a question of these families. Each model's scores are cached in <stage>/tasks.json under the
+settings they depend on.
 
-Run: `python experiments/real_parent.py --parent smollm2 --preset cpu-real --out runs/smollm2 --results
-benchmarks/smollm2` (after `python model.py fetch smollm2`).
+Run (after `python model.py fetch smollm2`), on the corpus alone, then with the parent's own chats:
+  python experiments/real_parent.py --parent smollm2 --preset cpu-real --out runs/smollm2 --results R
+  python experiments/chat_mix.py --parent smollm2 --out runs/chat_mix.jsonl --prompts 900
+  python experiments/real_parent.py --parent smollm2 --preset cpu-real --chat-data runs/chat_mix.jsonl \
+      --chat-share 0.5 --out runs/smollm2-mix --results R
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -18,10 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the mechanism files
 
 import cascade as C  # noqa: E402
-import data as D  # noqa: E402
+from experiments import chat_mix as X  # noqa: E402
 import model as M  # noqa: E402
 import train as TR  # noqa: E402
 
@@ -30,44 +37,58 @@ SAMPLE_PROMPTS = ("What is the capital of France?", "What is 7 + 5?",
 SAMPLE_TOKENS = 32
 
 
+FAMILY_TOKENS = {"word sums": 24, "capitals": 16}  # greedy tokens per answer beyond the sums' own setting
+
+
 @dataclass
 class TaskConfig:
     math_problems: int = 200  # held-out one-digit sums asked of every scored model
-    math_level: str = "easy"  # data.math_problems level
     math_seed: int = 1000  # held out: the post-training experiments draw their problems from small seeds
-    math_new_tokens: int = 12  # greedy tokens per answer ("7 + 5 = 12" is 8 tokens with digits split)
+    math_new_tokens: int = 12  # greedy tokens per sum ("7 + 5 = 12" is 8 tokens with digits split)
     results: Optional[str] = None  # where the table goes; None = <out>/results
 
 
 def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
-    """Exact-answer accuracy on the held-out problems and the sample prompts' answers, greedy through
-    the chat template; cached in <stage>/tasks.json (other settings recompute it)."""
+    """Exact-answer accuracy per held-out family (chat_mix.HELDOUT: one-digit sums, the same sums in
+    number words, capitals) and the sample prompts' answers, greedy through the chat template; cached in
+    <stage>/tasks.json (other settings recompute it)."""
     cache = os.path.join(stages.dir(name), "tasks.json")
-    want = {"math_total": tcfg.math_problems, "math_level": tcfg.math_level, "math_seed": tcfg.math_seed,
-            "math_new_tokens": tcfg.math_new_tokens}
+    new_tokens = {"sums": tcfg.math_new_tokens, **FAMILY_TOKENS}
+    tasks = X.heldout_tasks(tcfg.math_problems, tcfg.math_seed)
+    questions = hashlib.sha256(json.dumps({f: [p["question"] for p in ps] for f, ps in tasks.items()}).encode())
+    want = {"math_total": tcfg.math_problems, "math_seed": tcfg.math_seed, "new_tokens": new_tokens,
+            "questions": questions.hexdigest()[:16]}
     if os.path.exists(cache):
         with open(cache) as f:
             cached = json.load(f)
         if all(cached.get(k) == v for k, v in want.items()):
             return cached
     t0, c0 = time.time(), time.process_time()
-    model = M.load_model(path).eval()
-    probs = D.math_problems(tcfg.math_problems, seed=tcfg.math_seed, level=tcfg.math_level)
-    prompts = [tok.encode_chat([{"role": "user", "content": p["question"]}])[0] for p in probs]
-    answers = []
-    for i in range(0, len(prompts), 200):  # bounded batches: the KV cache grows with the batch
-        answers += M.generate(model, prompts[i:i + 200], tcfg.math_new_tokens, eos_id=tok.eos_id)
-    texts = [tok.decode(a) for a in answers]
-    correct = [D.check_math_answer(t, p["answer"]) for t, p in zip(texts, probs)]
-    samples = M.generate(model, [tok.encode_chat([{"role": "user", "content": q}])[0] for q in SAMPLE_PROMPTS],
-                         SAMPLE_TOKENS, eos_id=tok.eos_id)
-    result = {**want, "math_correct": sum(correct), "math_total": len(probs), "math_accuracy": sum(correct) / len(probs),
-              "math_examples": [{"question": p["question"], "answer": p["answer"], "output": t}
-                                for p, t in list(zip(probs, texts))[:5]],
-              "samples": [{"prompt": q, "output": tok.decode(a)} for q, a in zip(SAMPLE_PROMPTS, samples)],
+    model = M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    families = {}
+    for family, probs in tasks.items():
+        texts = [a for a, _ in X.greedy_answers(model, tok, [p["question"] for p in probs], new_tokens[family])]
+        correct = [p["check"](t, p["answer"]) for t, p in zip(texts, probs)]
+        families[family] = {"correct": sum(correct), "total": len(probs),
+                            "examples": [{"question": p["question"], "answer": p["answer"], "output": t, "correct": c}
+                                         for p, t, c in list(zip(probs, texts, correct))[:8]]}
+    samples = X.greedy_answers(model, tok, list(SAMPLE_PROMPTS), SAMPLE_TOKENS)
+    result = {**want, "families": families,
+              "samples": [{"prompt": q, "output": a} for q, (a, _) in zip(SAMPLE_PROMPTS, samples)],
               "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     TR.write_json_atomic(cache, result)
     return result
+
+
+def family_cell(family: str, parent: dict):
+    """A table cell: correct/total, and for a child the share of the parent's correct answers."""
+    def cell(r):
+        if "families" not in r:
+            return ""
+        got, base = r["families"][family], parent["families"][family]["correct"]
+        share = "" if r is parent else f" ({100 * got['correct'] / base:.0f}% of parent)" if base else " (parent 0)"
+        return f"{got['correct']}/{got['total']}{share}"
+    return cell
 
 
 def samples_text(rows: list) -> str:
@@ -96,13 +117,18 @@ def run_real_parent(cfg: C.CascadeConfig, tcfg: TaskConfig) -> dict:
             for r in cascade["rows"]]  # the short children are not scored (CPU time)
     run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
            "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
-    column = ("math exact", lambda r: f"{r['math_correct']}/{r['math_total']} ({100 * r['math_accuracy']:.0f}%)"
-              if "math_total" in r else "")
-    note = (f"math exact: greedy answers to {tcfg.math_problems} held-out data.math_problems (level "
-            f"{tcfg.math_level!r}, seed {tcfg.math_seed}) asked through the chat template, checked by "
-            f"data.check_math_answer; the short children are not scored (CPU time).")
+    columns = tuple((family, family_cell(family, rows[0])) for family in X.HELDOUT)
+    data = (f"the corpus plus the chats of --chat-data {cfg.chat_data} ({100 * ctx.heldout['chat_share']:.0f}% of "
+            f"the training tokens)" if cfg.chat_data else "the Python corpus alone")
+    note = (f"Held-out families, greedy answers through the chat template: sums = {tcfg.math_problems} one-digit "
+            f"sums (data.math_problems level 'easy', seed {tcfg.math_seed}, checked by data.check_math_answer); "
+            f"word sums = the 81 sums of two numbers from one to nine in words (\"What is the sum of three and "
+            f"four?\", the answer's last number in digits or words); capitals = {len(X.CAPITALS)} \"What is the "
+            f"capital of ...?\" (the city named in the answer). No training data holds a question of these "
+            f"families: chat_mix.heldout_family drops every chat that touches one. The children distilled on "
+            f"{data}. A child's share is its correct answers over the parent's; the short children are not scored.")
     out = tcfg.results or os.path.join(cfg.out, "results")
-    C.write_table(cfg, rows, plan, ctx, run, out=out, columns=(column,), notes=(note,))
+    C.write_table(cfg, rows, plan, ctx, run, out=out, columns=columns, notes=(note,))
     with open(os.path.join(out, "table.md"), "a") as f:
         f.write(f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
     return {"rows": rows, "run": run}

@@ -505,3 +505,27 @@ def test_chat_data_joins_the_training_stream_in_the_chat_format(tmp_path, capsys
     assert f"{path}:2 has no \"messages\" list" in capsys.readouterr().err
     assert run_main(SMOKE + ["--out", str(tmp_path / "o3"), "--chat-data", str(tmp_path / "nope.jsonl")]) == 2
     assert "--chat-data" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+
+def test_chat_share_repeats_the_chats_to_the_share_asked(tmp_path, capsys):
+    """--chat-share s: the chat stream is whole copies of the file, as many as bring it closest to share s of
+    the training tokens; the share reached is recorded; a share without --chat-data, or outside (0, 1), is
+    one clear error before any training."""
+    chats = [[{"role": "user", "content": f"Name a colour, {i}."}, {"role": "assistant", "content": "Blue."}]
+             for i in range(30)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    argv = SMOKE + ["--out", str(tmp_path / "o"), "--chat-data", str(path)]
+    cfg, preset = C.resolved(C.config_from_argv(argv + ["--chat-share", "0.5"]))
+    plan = C.make_plan(cfg, preset)
+    tok, train, *_, info = C.load_data(cfg, preset, plan)
+    corpus = len(C.load_data(dataclasses.replace(cfg, chat_data=None, chat_share=None), preset, plan)[1])
+    once = np.concatenate([tok.encode_chat(m)[0] for m in chats])
+    copies, rest = divmod(len(train) - corpus, len(once))
+    assert rest == 0 and copies > 1 and np.array_equal(np.asarray(train[corpus:]), np.tile(once, copies))
+    assert abs(copies * len(once) / len(train) - 0.5) < len(once) / len(train)  # the nearest whole number of copies
+    assert info["chat_tokens"] == copies * len(once) and info["chat_share"] == round(copies * len(once) / len(train), 4)
+    assert plan.fingerprint["chat_share"] == 0.5
+    for bad in (argv + ["--chat-share", "1"], SMOKE + ["--out", str(tmp_path / "o4"), "--chat-share", "0.3"]):
+        assert run_main(bad) == 2
+        assert "--chat-share" in capsys.readouterr().err
