@@ -606,16 +606,9 @@ def prepare(cfg: CascadeConfig, preset: Preset, rank: int, world: int, device, l
 
 
 def load_data(cfg: CascadeConfig, preset: Preset, plan: Plan):
-    tok_path = cfg.tokenizer
-    if tok_path is None and cfg.parent and os.path.exists(os.path.join(cfg.parent, "tekken.json")):
-        tok_path = os.path.join(cfg.parent, "tekken.json")
-    if tok_path is None and cfg.parent and M.is_gguf(M.resolve_model_path(cfg.parent)):
-        tok_path = M.resolve_model_path(cfg.parent)  # a GGUF file carries its tokenizer (BPE + chat template)
     # A tiny parent's vocabulary is a truncated Tekken (data.py, deviation 2); a real one is the whole file.
-    tok = D.Tokenizer.from_file(tok_path, vocab_size=plan.parent_args.vocab_size)
-    if tok.vocab_size != plan.parent_args.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the parent's vocabulary is "
-                         f"{plan.parent_args.vocab_size}: pass the parent's own tekken.json with --tokenizer")
+    tok = D.checkpoint_tokenizer(cfg.parent and M.resolve_model_path(cfg.parent), plan.parent_args.vocab_size,
+                                 cfg.tokenizer)
     if cfg.data is None or preset.corpus:
         train_docs, val_docs = D.python_corpus(val_fraction=0.15, seed=cfg.seed)
         train_tokens, held = D.tokenize_documents(train_docs, tok), D.tokenize_documents(val_docs, tok)

@@ -136,6 +136,26 @@ def resolve_tekken_path(path: Optional[str | os.PathLike] = None) -> str:
     return os.path.abspath(path)
 
 
+def checkpoint_tokenizer(checkpoint: Optional[str | os.PathLike], vocab_size: int,
+                         tokenizer: Optional[str | os.PathLike] = None) -> "Tokenizer":
+    """The tokenizer that goes with a checkpoint (a folder or a .gguf file, already resolved): `tokenizer`
+    when given, else the checkpoint's own (a .gguf file carries one; a folder may hold tekken.json or
+    tokenizer.gguf), else the shipped Tekken truncated to the model's vocabulary (deviation 2)."""
+    path = tokenizer
+    if path is None and checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        if os.path.isfile(checkpoint) and checkpoint.endswith(".gguf"):
+            path = checkpoint
+        elif os.path.isdir(checkpoint) and any(os.path.isfile(os.path.join(checkpoint, n))
+                                               for n in ("tekken.json", GGUF_TOKENIZER)):
+            path = checkpoint
+    try:
+        return Tokenizer.from_file(path, vocab_size=vocab_size)
+    except ValueError as e:  # the vocabulary does not fit the model's
+        raise ValueError(f"{e}; the model has {vocab_size} ids: pass the checkpoint's own tekken.json "
+                         f"with --tokenizer") from None
+
+
 @functools.lru_cache(maxsize=4)
 def _read_tekken(path: str, stamp: tuple) -> dict:
     # `stamp` (mtime, size) is part of the cache key so an edited file is read again.

@@ -661,9 +661,7 @@ def main(argv=None) -> int:
         problems = read_problems(run.problems)
         held = read_problems(run.held_out) if run.held_out else None
         model = load_model(path, dtype=torch.float32)
-        tok_path = run.tokenizer or (path if path.endswith(".gguf") else os.path.join(path, "tekken.json"))
-        tok = D.Tokenizer.from_file(tok_path if os.path.exists(tok_path) else None,
-                                    vocab_size=None if tok_path.endswith(".gguf") else model.args.vocab_size)
+        tok = D.checkpoint_tokenizer(path, model.args.vocab_size, run.tokenizer)
         print(json.dumps({"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(gcfg),
                           "run": dataclasses.asdict(run)}), flush=True)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -572,16 +572,6 @@ def load_policy(path: str, cfg: TrainConfig, device, train: bool = True) -> Tran
     return model
 
 
-def load_tokenizer(path: Optional[str], model_path: str, vocab_size: int) -> D.Tokenizer:
-    """--tokenizer, else the one a .gguf or checkpoint folder carries, else the shipped Tekken truncated to
-    the model's vocabulary (data.py deviation 2)."""
-    if path is None:
-        path = resolve_model_path(model_path)
-        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in ("tekken.json", D.GGUF_TOKENIZER)):
-            path = None
-    return D.Tokenizer.from_file(path, vocab_size=None if str(path).endswith(".gguf") else vocab_size)
-
-
 def main(argv=None) -> int:
     tcfg, ocfg, run = configs_from_args([ODPOTrainConfig, ODPOConfig, ODPORun], argv,
                                         description="Online DPO with a pairwise reward model (PAPER.md section 8).")
@@ -600,7 +590,7 @@ def main(argv=None) -> int:
         rank, _, _, device = setup_distributed()
         policy = load_policy(run.policy, tcfg, device)
         reference = load_policy(run.policy, tcfg, device, train=False)
-        tok = load_tokenizer(run.tokenizer, run.policy, policy.args.vocab_size)
+        tok = D.checkpoint_tokenizer(resolve_model_path(run.policy), policy.args.vocab_size, run.tokenizer)
         pwrm = PairwiseRewardModel(load_policy(run.pwrm, tcfg, device, train=False), tok)
         calib = os.path.join(resolve_model_path(run.pwrm), "calibration.json")
         if os.path.isfile(calib):

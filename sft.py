@@ -82,7 +82,7 @@ import torch.nn.functional as F
 import data as D
 import vision as V
 from distill import DistillConfig, ce_loss_fn, check_vocab, kl_loss_fn
-from model import Transformer, flops_per_token, generate, load_model
+from model import Transformer, flops_per_token, generate, load_model, resolve_model_path
 from train import (TrainConfig, build_model, configs_from_args, exit_process, rank_world, setup_distributed,
                    teardown_distributed, train)
 
@@ -498,24 +498,13 @@ class SFTRun:
     top_p: float = 0.95  # nucleus in --chat
 
 
-def load_tokenizer(path: Optional[str], model_dir: Optional[str], vocab_size: int):
-    """--tokenizer, else the checkpoint's own (a .gguf file's, or a folder's tekken.json / tokenizer.gguf),
-    else the shipped Tekken truncated to the model's vocabulary (data.py deviation 2)."""
-    if path is None and model_dir:
-        if os.path.isfile(model_dir) and model_dir.endswith(".gguf"):  # a GGUF carries its own tokenizer
-            path = model_dir
-        elif any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tekken.json", D.GGUF_TOKENIZER)):
-            path = model_dir
-    return D.Tokenizer.from_file(path, vocab_size=vocab_size)
-
-
 def chat(ckpt: str, run: SFTRun, stdin=None, stdout=None) -> None:
     """A terminal conversation with a checkpoint (model.py's cached generation). Empty line or EOF ends it;
     '/reset' starts over. The oldest turns are dropped when the context would overflow."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model = load_model(ckpt, dtype=torch.float32)
     model.eval()
-    tok = load_tokenizer(run.tokenizer, ckpt, model.args.vocab_size)
+    tok = D.checkpoint_tokenizer(resolve_model_path(ckpt), model.args.vocab_size, run.tokenizer)
     messages: list = []
     print(f"chatting with {ckpt} ({model.args.num_params:,} parameters); empty line to quit, /reset to restart",
           file=stdout, flush=True)
@@ -574,7 +563,7 @@ def main(argv=None) -> int:
             teacher = build_model(run.teacher, tcfg, device, train=False) if run.teacher else None
         if teacher is not None:
             check_vocab(student, teacher)
-        tok = load_tokenizer(run.tokenizer, run.student, student.args.vocab_size)
+        tok = D.checkpoint_tokenizer(resolve_model_path(run.student), student.args.vocab_size, run.tokenizer)
         convs, _ = read_conversations(run.data, scfg.on_bad_line, tok)
         if rank == 0:
             print(json.dumps({"train": dataclasses.asdict(tcfg), "sft": dataclasses.asdict(scfg),

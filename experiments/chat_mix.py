@@ -258,7 +258,7 @@ def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, se
     t0, c0 = time.time(), TR.cpu_seconds()
     path = M.resolve_model_path(parent)
     model = M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
-    tok = D.Tokenizer.from_file(path if M.is_gguf(path) else os.path.join(path, "tekken.json"))
+    tok = D.checkpoint_tokenizer(path, model.args.vocab_size)
     train_docs, _ = D.python_corpus(val_fraction=0.15, seed=seed)  # the cascade's training half (its seed)
     prompts = mix_prompts(n, train_docs, seed)
     answers = greedy_answers(model, tok, [q for _, q in prompts], max_new_tokens)

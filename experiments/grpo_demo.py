@@ -113,8 +113,7 @@ def demo(tcfg: TR.TrainConfig, gcfg: G.GRPOConfig, dcfg: DemoConfig) -> dict:
     if dcfg.policy is not None:  # a ready policy (e.g. SmolLM2 from its GGUF): no SFT
         child = M.resolve_model_path(dcfg.policy)
         model = M.load_model(child, dtype=torch.float32)
-        tok = D.Tokenizer.from_file(child if child.endswith(".gguf") else os.path.join(child, "tekken.json"),
-                                    vocab_size=None if child.endswith(".gguf") else model.args.vocab_size)
+        tok = D.checkpoint_tokenizer(child, model.args.vocab_size)
     else:
         child = dcfg.child or next((c for c in CASCADE_CHILDREN if os.path.isdir(c)), None)
         if child is None or not os.path.isdir(child):

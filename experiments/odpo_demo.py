@@ -98,14 +98,14 @@ def run_demo(tcfg: DemoTrainConfig, ocfg: O.ODPOConfig, dcfg: DemoConfig) -> dic
             cfg = sub("sft", steps=dcfg.sft_steps, lr=dcfg.sft_lr, warmup_steps=max(1, dcfg.sft_steps // 10),
                       seq_len=ocfg.max_prompt_tokens + 16, weight_decay=0.1)
             model = O.load_policy(child, cfg, device)
-            tok = O.load_tokenizer(dcfg.tokenizer, child, model.args.vocab_size)
+            tok = D.checkpoint_tokenizer(M.resolve_model_path(child), model.args.vocab_size, dcfg.tokenizer)
             S.run_sft(model, answer_chats(splits["sft"]), tok, cfg, S.SFTConfig(truncate=True), device=device,
                       name="sft")
             TR.write_json_atomic(os.path.join(root, "sft", "done.json"), {"child": child, "steps": dcfg.sft_steps})
     ref_cfg = dataclasses.replace(tcfg, out_dir=os.path.join(root, "odpo"), resume=True)  # a rerun resumes it
     policy = O.load_policy(policy_path, ref_cfg, device)
     reference = O.load_policy(policy_path, ref_cfg, device, train=False)
-    tok = O.load_tokenizer(dcfg.tokenizer, policy_path, policy.args.vocab_size)
+    tok = D.checkpoint_tokenizer(policy_path, policy.args.vocab_size, dcfg.tokenizer)
     for name in ("pwrm", "calib", "odpo", "eval"):  # prompts must fit max_prompt_tokens
         splits[name] = fitting(splits[name], tok, ocfg.max_prompt_tokens)
 

@@ -249,6 +249,26 @@ def test_tokenizer_from_a_folder_holding_tokenizer_gguf(tmp_path):
     assert a.file_hash == b.file_hash and a.encode(TEXTS[1]) == b.encode(TEXTS[1])
 
 
+def test_checkpoint_tokenizer_finds_each_checkpoints_own(tmp_path):
+    """A .gguf file and a folder with tokenizer.gguf give the GGUF's ChatML tokenizer; a folder without one
+    gives the shipped Tekken cut to the model's vocabulary; --tokenizer wins; a vocabulary the file cannot
+    fill is one error that names the fix."""
+    path = write_gguf(tmp_path / "m.gguf")
+    V = len(small_vocab()[0])
+    own = D.checkpoint_tokenizer(path, V)
+    assert own.chat_format == "chatml" and own.file_hash == D.Tokenizer.from_file(path).file_hash
+    folder, bare = tmp_path / "ckpt", tmp_path / "bare"
+    folder.mkdir(), bare.mkdir()
+    (folder / "tokenizer.gguf").write_bytes(path.read_bytes())
+    assert D.checkpoint_tokenizer(folder, V).file_hash == own.file_hash
+    shipped = D.checkpoint_tokenizer(bare, 2048)
+    assert shipped.path == D.default_tekken_path() and shipped.vocab_size == 2048
+    assert D.checkpoint_tokenizer(None, 2048).file_hash == shipped.file_hash
+    assert D.checkpoint_tokenizer(bare, V, tokenizer=path).file_hash == own.file_hash
+    with pytest.raises(ValueError, match=f"model has {V + 1} ids: pass the checkpoint's own tekken.json"):
+        D.checkpoint_tokenizer(path, V + 1)
+
+
 def test_chatml_ids_and_mask(tmp_path):
     tok = D.Tokenizer.from_file(write_gguf(tmp_path / "m.gguf"))
     S, E = 1, 2
