@@ -253,11 +253,16 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: O
     return out
 
 
+def load_for_answers(path: str) -> torch.nn.Module:
+    """A checkpoint in eval mode, on the GPU when there is one, for greedy_answers."""
+    return M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, seed: int = 0) -> dict:
     """Write <out> (jsonl chats, each with its "kind") and <out>.json (the counts); returns the counts."""
     t0, c0 = time.time(), TR.cpu_seconds()
     path = M.resolve_model_path(parent)
-    model = M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_answers(path)
     tok = D.checkpoint_tokenizer(path, model.args.vocab_size)
     train_docs, _ = D.python_corpus(val_fraction=0.15, seed=seed)  # the cascade's training half (its seed)
     prompts = mix_prompts(n, train_docs, seed)

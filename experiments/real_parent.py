@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the mechanism files
 
 import cascade as C  # noqa: E402
@@ -64,7 +62,7 @@ def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
         if all(cached.get(k) == v for k, v in want.items()):
             return cached
     t0, c0 = time.time(), time.process_time()
-    model = M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    model = X.load_for_answers(path)
     families = {}
     for family, probs in tasks.items():
         texts = [a for a, _ in X.greedy_answers(model, tok, [p["question"] for p in probs], new_tokens[family])]
