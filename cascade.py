@@ -296,9 +296,9 @@ def build(source, ctx: Context, cfg: CascadeConfig, train=True):
 def stage_parent(cfg, ctx, stages: Stages, plan) -> str:
     """The parent checkpoint path: the user's, or the embedded tiny parent trained here. A .gguf parent is
     dequantised once into an HF checkpoint (fp32) that every later stage reads like any other."""
-    if cfg.parent is not None and M.is_gguf(M.resolve_model_path(cfg.parent)):
+    src = cfg.parent and M.resolve_model_path(cfg.parent)
+    if src and M.is_gguf(src):
         if stages.done("parent") is None:
-            src = M.resolve_model_path(cfg.parent)
             model = M.load_model(src)
             if ctx.rank == 0:
                 M.save_model(model, os.path.join(stages.dir("parent"), "model"))
@@ -521,8 +521,8 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
 # eval_*.json instead and recomputed. Micro-batch, world size, checkpointing, compile and the teacher cache
 # change no result.
 FIRST_STAGE_CHANGED = {
-    **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed", "parent_steps",
-                     "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
+    **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed",
+                     "parent_steps", "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
     **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs"), "init"),
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
     "long_steps": "long",
@@ -593,11 +593,10 @@ def prepare(cfg: CascadeConfig, preset: Preset, rank: int, world: int, device, l
     claim_out_dir(cfg, plan, rank)
     TR.barrier()
     ctx = Context(rank, world, device, train_tokens, val_tokens, test_tokens, heldout, tok)
-    TR.print0(f"data: {len(train_tokens):,} train / {len(val_tokens):,} validation / {len(test_tokens):,} test "
-             f"tokens, vocab {tok.vocab_size}; held-out {heldout['ngram']}-token windows also in training: "
-             f"{heldout.get('overlap_before', '?')} before de-duplication, {heldout.get('overlap_after', '?')} after; "
-             f"chat tokens {heldout['chat_tokens']:,} ({100 * heldout['chat_share']:.0f}% of train) "
-             f"({time.time() - t0:.1f}s)")
+    TR.print0(f"data: {len(train_tokens):,} train ({heldout['chat_tokens']:,} of them chats) / "
+              f"{len(val_tokens):,} validation / {len(test_tokens):,} test tokens, vocab {tok.vocab_size}; held-out "
+              f"{heldout['ngram']}-token windows also in training: {heldout.get('overlap_before', '?')} before "
+              f"de-duplication, {heldout.get('overlap_after', '?')} after ({time.time() - t0:.1f}s)")
     return ctx, plan
 
 
@@ -709,11 +708,7 @@ def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: d
              f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "
              f"{run['loadavg_end']} at the end; wall time on a shared machine is inflated). "
              f"Command: `{record['command']}`."]
-    os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"table.md.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(f"# Cascade retention\n\n{table}\n\n" + "\n\n".join(notes) + "\n")
-    os.replace(tmp, os.path.join(out, "table.md"))
+    TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# Cascade retention", table, *notes]) + "\n")
     TR.write_json_atomic(os.path.join(out, "table.json"), {"rows": rows, "heldout": h, "run": record,
                                                          "config": dataclasses.asdict(cfg)})
     print("\n" + table + "\n\n" + "\n\n".join(notes), flush=True)

@@ -186,12 +186,17 @@ def config_from_args(cls, argv=None, description: str = ""):
     return configs_from_args([cls], argv, description)[0]
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: a reader never sees a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 # -----------------------------------------------------------------------------
@@ -640,14 +645,14 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig) -> int:
     diff = [k for k in _CKPT_DATA_FIELDS if k in meta and meta[k] != ours[k]]
     if diff:
         raise ValueError(f"checkpoint {path} was written with " + ", ".join(f"{k} {meta[k]}" for k in diff)
-                         + f"; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": the data order "
-                         f"depends on them, so resume with the checkpoint's values or start a fresh --out-dir")
+                         + "; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": the data order "
+                         "depends on them, so resume with the checkpoint's values or start a fresh --out-dir")
     diff = [k for k in _CKPT_SCHEDULE_FIELDS if k in meta and meta[k] != ours[k]]
     if diff and not cfg.resume_schedule_change:
         raise ValueError(f"checkpoint {path} was written with " + ", ".join(f"{k} {meta[k]}" for k in diff)
-                         + f"; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": resuming would "
-                         f"change the learning-rate schedule; pass the checkpoint's values, or "
-                         f"--resume-schedule-change to change it on purpose")
+                         + "; this run has " + ", ".join(f"{k} {ours[k]}" for k in diff) + ": resuming would "
+                         "change the learning-rate schedule; pass the checkpoint's values, or "
+                         "--resume-schedule-change to change it on purpose")
     state = _app_state(model, opt)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
