@@ -78,7 +78,8 @@ def _tiny_pair(shape: str, device: str, dtype, with_hf: bool):
         import transformers
         with tempfile.TemporaryDirectory() as d:
             M.save_model(ours, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa",
+                                                                     local_files_only=True).to(device)
     return args, ours, hf
 
 

@@ -385,7 +385,8 @@ def test_real_file_round_trip_through_transformers(real, tmp_path):
     import transformers  # requirements-test.txt: a missing package fails, it does not skip
     path, m, tok = real
     M.save_model(m, tmp_path / "hf")
-    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32,
+                                                          local_files_only=True).eval()
     x = torch.tensor([tok.encode("def add(a, b):\n    return a + b  # 7 + 5 = 12\n")])
     with torch.no_grad():
         ours, ref = m(x), theirs(x).logits
@@ -401,7 +402,8 @@ def test_real_file_tokenizer_matches_transformers(real):
     from tokenizers import pre_tokenizers
     import textwrap
     path, m, tok = real
-    ht = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ht = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                    local_files_only=True)
     ht.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     for text in [open(textwrap.__file__).read(), open(D.__file__).read(), *TEXTS[:-1]]:

