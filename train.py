@@ -190,7 +190,7 @@ def write_text_atomic(path: str, text: str) -> None:
     """Write to a temporary name beside `path`, then rename: a reader never sees a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 

@@ -283,11 +283,7 @@ def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, se
     if not rows:
         raise ValueError(f"none of the parent's {len(prompts)} answers was kept ({dropped}): raise --max-new-tokens "
                          f"(capped answers are cut back to their last full sentence)")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, out)
+    TR.write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     tokens = len(D.chat_tokens(out, tok))
     summary = {"parent": parent, "prompts": len(prompts), "chats": len(rows), "per_kind": counts, "dropped": dropped,
                "capped": sum(r["capped"] for r in rows), "tokens": tokens, "max_new_tokens": max_new_tokens,
