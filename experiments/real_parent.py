@@ -61,7 +61,7 @@ def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
             cached = json.load(f)
         if all(cached.get(k) == v for k, v in want.items()):
             return cached
-    t0, c0 = time.time(), time.process_time()
+    t0, c0 = time.time(), TR.cpu_seconds()
     model = X.load_for_answers(path)
     families = {}
     for family, probs in tasks.items():
@@ -73,7 +73,7 @@ def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
     samples = X.greedy_answers(model, tok, list(SAMPLE_PROMPTS), SAMPLE_TOKENS)
     result = {**want, "families": families,
               "samples": [{"prompt": q, "output": a} for q, (a, _) in zip(SAMPLE_PROMPTS, samples)],
-              "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+              "wall_s": time.time() - t0, "cpu_s": TR.cpu_seconds() - c0}
     TR.write_json_atomic(cache, result)
     return result
 
@@ -116,15 +116,15 @@ def run_real_parent(cfg: C.CascadeConfig, tcfg: TaskConfig) -> dict:
     run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
            "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
     columns = tuple((family, family_cell(family, rows[0])) for family in X.HELDOUT)
-    data = (f"the corpus plus the chats of --chat-data {cfg.chat_data} ({100 * ctx.heldout['chat_share']:.0f}% of "
-            f"the training tokens)" if cfg.chat_data else "the Python corpus alone")
+    # with --chat-data, write_table's own note says which share of the training tokens were chats
+    data = "" if cfg.chat_data else " The children distilled on the Python corpus alone."
     note = (f"Held-out families, greedy answers through the chat template: sums = {tcfg.math_problems} one-digit "
             f"sums (data.math_problems level 'easy', seed {tcfg.math_seed}, checked by data.check_math_answer); "
             f"word sums = the 81 sums of two numbers from one to nine in words (\"What is the sum of three and "
             f"four?\", the answer's last number in digits or words); capitals = {len(X.CAPITALS)} \"What is the "
             f"capital of ...?\" (the city named in the answer). No training data holds a question of these "
-            f"families: chat_mix.heldout_family drops every chat that touches one. The children distilled on "
-            f"{data}. A child's share is its correct answers over the parent's; the short children are not scored.")
+            f"families: chat_mix.heldout_family drops every chat that touches one.{data} A child's share is its "
+            f"correct answers over the parent's; the short children are not scored.")
     out = tcfg.results or os.path.join(cfg.out, "results")
     C.write_table(cfg, rows, plan, ctx, run, out=out, columns=columns, notes=(note,))
     with open(os.path.join(out, "table.md"), "a") as f:
