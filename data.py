@@ -136,6 +136,10 @@ def resolve_tekken_path(path: Optional[str | os.PathLike] = None) -> str:
     return os.path.abspath(path)
 
 
+class VocabSizeError(ValueError):
+    """A tokenizer file cannot serve a model of the vocabulary size asked for."""
+
+
 def checkpoint_tokenizer(checkpoint: Optional[str | os.PathLike], vocab_size: int,
                          tokenizer: Optional[str | os.PathLike] = None) -> "Tokenizer":
     """The tokenizer that goes with a checkpoint (a folder or a .gguf file, already resolved): `tokenizer`
@@ -151,8 +155,8 @@ def checkpoint_tokenizer(checkpoint: Optional[str | os.PathLike], vocab_size: in
             path = checkpoint
     try:
         return Tokenizer.from_file(path, vocab_size=vocab_size)
-    except ValueError as e:  # the vocabulary does not fit the model's
-        raise ValueError(f"{e}; the model has {vocab_size} ids: pass the checkpoint's own tekken.json "
+    except VocabSizeError as e:  # the file is fine, its vocabulary does not fit the model's
+        raise VocabSizeError(f"{e}; the model has {vocab_size} ids: pass the checkpoint's own tekken.json "
                          f"with --tokenizer") from None
 
 
@@ -338,8 +342,8 @@ class Tokenizer:
         vocab_size = full if vocab_size is None else int(vocab_size)
         n_bytes = 256 if "vocab" in info else sum(len(b) == 1 for b in info["token_bytes"])
         if not n_special + n_bytes <= vocab_size <= full:
-            raise ValueError(f"vocab_size {vocab_size} for {path} must lie in [{n_special + n_bytes}, {full}] "
-                             f"({n_special} special ids + at least the {n_bytes} byte tokens)")
+            raise VocabSizeError(f"vocab_size {vocab_size} for {path} must lie in [{n_special + n_bytes}, {full}] "
+                                 f"({n_special} special ids + at least the {n_bytes} byte tokens)")
         bpe = _bpe(path, stamp, vocab_size - n_special)
         if "vocab" in info:
             return cls(path, bpe, info["specials"], vocab_size, info["version"], info["sha256"])

@@ -267,6 +267,10 @@ def test_checkpoint_tokenizer_finds_each_checkpoints_own(tmp_path):
     assert D.checkpoint_tokenizer(bare, V, tokenizer=path).file_hash == own.file_hash
     with pytest.raises(ValueError, match=f"model has {V + 1} ids: pass the checkpoint's own tekken.json"):
         D.checkpoint_tokenizer(path, V + 1)
+    (bare / "tekken.json").write_text("{not json")  # a broken file: its own error, not the vocabulary hint
+    with pytest.raises(ValueError, match="not valid JSON") as err:
+        D.checkpoint_tokenizer(bare, 2048)
+    assert "model has" not in str(err.value)
 
 
 def test_chatml_ids_and_mask(tmp_path):
