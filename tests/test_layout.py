@@ -26,6 +26,13 @@ def project_imports(path):
     return names & PROJECT
 
 
+def imported(node) -> list:
+    """The module names an import statement names, anywhere in a file ([] for any other node)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+
+
 def declared(path):
     text = open(path).read()
     line = re.search(r"Depends on:(.*?)(?:\n\n|\n[A-Z])", text, re.S).group(1)
@@ -77,8 +84,7 @@ def test_no_mechanism_file_imports_an_experiment():
     for name in [f for f in os.listdir(ROOT) if f.endswith(".py")]:
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         for node in ast.walk(tree):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            mods = imported(node)
             assert not any(m.split(".")[0] == "experiments" for m in mods), f"{name} imports {mods}"
 
 
@@ -104,8 +110,7 @@ def test_no_file_can_reach_the_network_at_run_time():
                 local = [k for k in node.keywords if k.arg == "local_files_only"]
                 assert local and isinstance(local[0].value, ast.Constant) and local[0].value.value is True, \
                     f"{os.path.relpath(path, ROOT)}:{node.lineno}: from_pretrained without local_files_only=True"
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            mods = imported(node)
             for m in mods:
                 assert m.split(".")[0] not in ("requests", "urllib", "huggingface_hub", "http", "httpx"), \
                     f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {m}"
