@@ -8,6 +8,7 @@ alphabetically first ones); data.split_by_question shuffles with random.Random(s
 drawn. Run: `python benchmarks/posttrain/trace/split.py --split old --size 14b --out runs/trace-old
 --results runs/trace-old/results` (every other flag as experiments/posttrain.py takes it).
 """
+import argparse
 import os
 import sys
 
@@ -32,11 +33,10 @@ def old_split(problems: list, n_held: int, seed: int = 0, sort_held: bool = True
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    which = argv[argv.index("--split") + 1]
-    del argv[argv.index("--split"):argv.index("--split") + 2]
-    if which in ("old", "old-unsorted"):
-        D.split_by_question = lambda p, n, seed=0: old_split(p, n, seed, sort_held=which == "old")
-    elif which != "new":
-        sys.exit("--split must be old, old-unsorted or new")
-    posttrain.main(argv)
+    ap = argparse.ArgumentParser(description="experiments/posttrain.py with a chosen question split; every "
+                                             "other flag goes to posttrain.py")
+    ap.add_argument("--split", required=True, choices=("old", "old-unsorted", "new"))
+    a, rest = ap.parse_known_args()
+    if a.split != "new":
+        D.split_by_question = lambda p, n, seed=0: old_split(p, n, seed, sort_held=a.split == "old")
+    posttrain.main(rest)
