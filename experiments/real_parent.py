@@ -127,8 +127,10 @@ def run_real_parent(cfg: C.CascadeConfig, tcfg: TaskConfig) -> dict:
             f"correct answers over the parent's; the short children are not scored.")
     out = tcfg.results or os.path.join(cfg.out, "results")
     C.write_table(cfg, rows, plan, ctx, run, out=out, columns=columns, notes=(note,))
-    with open(os.path.join(out, "table.md"), "a") as f:
-        f.write(f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
+    path = os.path.join(out, "table.md")
+    with open(path) as f:
+        table = f.read()
+    TR.write_text_atomic(path, table + f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
     return {"rows": rows, "run": run}
 
 
