@@ -334,11 +334,7 @@ def stage_prune(cfg, ctx, stages, name, source_path, target: M.ModelArgs, calib:
         TR.print0(f"== stage {name}: prune {source_path} to layers={target.n_layers} dim={target.dim} "
                  f"ffn={target.hidden_dim}")
         parent = M.load_model(source_path, device=ctx.device)
-        if calib is None:
-            calib_loader = loader(ctx, ctx.train_tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
-            n_batches = max(1, cfg.calib_seqs // (cfg.micro_batch_size * ctx.world))
-            calib = [calib_loader.batch(i)[0] for i in range(n_batches)]
-        calib = [b.to(ctx.device) for b in calib]
+        calib = [b.to(ctx.device) for b in (calibration(cfg, ctx) if calib is None else calib)]
         child, report = P.prune(parent, target, calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed))
         if ctx.rank == 0:
             M.save_model(child, os.path.join(stages.dir(name), "model"))
@@ -347,6 +343,12 @@ def stage_prune(cfg, ctx, stages, name, source_path, target: M.ModelArgs, calib:
         stages.finish(name, {"params": M.num_params(child.args)})
         del parent, child
     return os.path.join(stages.dir(name), "model")
+
+
+def calibration(cfg: CascadeConfig, ctx: Context) -> list:
+    """This rank's share of cfg.calib_seqs training sequences, as [B, T] token batches."""
+    calib_loader = loader(ctx, ctx.train_tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
+    return [calib_loader.batch(i)[0] for i in range(max(1, cfg.calib_seqs // (cfg.micro_batch_size * ctx.world)))]
 
 
 def stage_distill(cfg, ctx, stages, name, init_path, teacher, long_context: bool, steps: int, seed: int, *,

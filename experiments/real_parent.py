@@ -61,8 +61,15 @@ def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
             cached = json.load(f)
         if all(cached.get(k) == v for k, v in want.items()):
             return cached
+    result = want | score_tasks(X.load_for_answers(path), tok, tasks, new_tokens)
+    TR.write_json_atomic(cache, result)
+    return result
+
+
+def score_tasks(model, tok, tasks: dict, new_tokens: dict) -> dict:
+    """{"families": {family: correct, total, the first 8 examples}, "samples": the fixed prompts' answers,
+    "wall_s", "cpu_s"}: one model's greedy answers to `tasks` (chat_mix.heldout_tasks), scored."""
     t0, c0 = time.time(), TR.cpu_seconds()
-    model = X.load_for_answers(path)
     families = {}
     for family, probs in tasks.items():
         texts = [a for a, _ in X.greedy_answers(model, tok, [p["question"] for p in probs], new_tokens[family])]
@@ -71,11 +78,8 @@ def stage_tasks(tcfg: TaskConfig, stages, name: str, path: str, tok) -> dict:
                             "examples": [{"question": p["question"], "answer": p["answer"], "output": t, "correct": c}
                                          for p, t, c in list(zip(probs, texts, correct))[:8]]}
     samples = X.greedy_answers(model, tok, list(SAMPLE_PROMPTS), SAMPLE_TOKENS)
-    result = {**want, "families": families,
-              "samples": [{"prompt": q, "output": a} for q, (a, _) in zip(SAMPLE_PROMPTS, samples)],
-              "wall_s": time.time() - t0, "cpu_s": TR.cpu_seconds() - c0}
-    TR.write_json_atomic(cache, result)
-    return result
+    return {"families": families, "samples": [{"prompt": q, "output": a} for q, (a, _) in zip(SAMPLE_PROMPTS, samples)],
+            "wall_s": time.time() - t0, "cpu_s": TR.cpu_seconds() - c0}
 
 
 def family_cell(family: str, parent: dict):

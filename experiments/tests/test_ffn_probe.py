@@ -1,0 +1,69 @@
+"""experiments/ffn_probe.py: the variants keep the units they name, a zeroed unit is a pruned one, and the
+probe runs end to end on a tiny ChatML GGUF parent."""
+import json
+
+import pytest
+import torch
+
+import cascade as C
+from experiments import ffn_probe as FP
+from experiments import real_parent as R
+from test_gguf import tiny_parent_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_variants_keep_the_units_they_name():
+    L, F, k = 6, 10, 4
+    scores = torch.rand(L, F, generator=torch.Generator().manual_seed(0))
+    scores[2] *= 100  # layer 2's units outscore every other layer's: the global pool takes them all
+    v = FP.variants(scores, k, FP.ProbeConfig(keep="0.5", random_draws=2, bands=3))
+    assert list(v) == ["activation 4/10", "activation 5/10", "random 4/10 (seed 0)", "random 4/10 (seed 1)",
+                       "layers 0-1 at 4/10", "layers 2-3 at 4/10", "layers 4-5 at 4/10", "global top 24"]
+    top = v["activation 4/10"]
+    assert top.sum(1).tolist() == [k] * L
+    for i in range(L):  # every kept unit outscores every dropped one in its layer
+        assert scores[i][top[i]].min() > scores[i][~top[i]].max()
+    assert v["activation 5/10"].sum(1).tolist() == [5] * L
+    for seed in (0, 1):
+        assert v[f"random 4/10 (seed {seed})"].sum(1).tolist() == [k] * L
+    assert not torch.equal(v["random 4/10 (seed 0)"], v["random 4/10 (seed 1)"])
+    assert v["layers 2-3 at 4/10"].sum(1).tolist() == [F, F, k, k, F, F]
+    assert torch.equal(v["layers 2-3 at 4/10"][2], top[2])
+    g = v["global top 24"]
+    assert int(g.sum()) == k * L and bool(g[2].all())  # the pool favours the high-scoring layer
+
+
+def test_a_zeroed_unit_is_a_pruned_unit():
+    import prune as P
+    from test_gguf import ARGS, tiny_model
+    model = tiny_model(ARGS).eval()
+    L, F = ARGS.n_layers, ARGS.hidden_dim
+    keep = torch.stack([torch.randperm(F, generator=torch.Generator().manual_seed(i))[:F // 2].sort().values
+                        for i in range(L)])
+    mask = torch.zeros(L, F, dtype=torch.bool).scatter_(1, keep, True)
+    x = torch.randint(0, ARGS.vocab_size, (2, 7))
+    zeroed = FP.masked(model, mask)(x)
+    assert not torch.allclose(zeroed, FP.masked(model, ~mask)(x), atol=1e-3)  # other units, other outputs
+    assert torch.allclose(zeroed, P.prune_ffn(model, keep)(x), atol=1e-5)  # (prune_ffn works in place)
+
+
+@pytest.mark.slow
+def test_probe_runs_on_a_tiny_parent(tmp_path):
+    parent, args = tiny_parent_gguf(tmp_path / "p.gguf")
+    argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "14b", "--seq-len", "32", "--batch-size", "2",
+            "--micro-batch-size", "2", "--calib-seqs", "4", "--eval-batches", "1", "--math-problems", "3",
+            "--math-new-tokens", "3", "--random-draws", "1", "--bands", "2", "--out", str(tmp_path / "run")]
+    result = FP.run_probe(*C.parse_args(argv, FP.ProbeConfig, R.TaskConfig))
+    rows = {r["stage"]: r for r in result["rows"]}
+    k, F, L = args.hidden_dim // 2, args.hidden_dim, args.n_layers
+    assert list(rows) == ["parent", f"activation {k}/{F}", f"activation {round(0.75 * F)}/{F}",
+                          f"random {k}/{F} (seed 0)", f"layers 0-1 at {k}/{F}", f"layers 2-3 at {k}/{F}",
+                          f"global top {k * L}"]
+    assert rows["parent"]["kl"] == pytest.approx(0, abs=1e-6) and rows[f"activation {k}/{F}"]["kl"] > 0
+    assert rows[f"layers 0-1 at {k}/{F}"]["per_layer"] == [k, k, F, F]
+    assert rows[f"activation {k}/{F}"]["params"] == rows["parent"]["params"] - 3 * args.dim * (F - k) * L
+    table = (tmp_path / "run" / "results" / "table.md").read_text()
+    assert "| variant | FFN units kept |" in table and "## Sample answers" in table
+    record = json.loads((tmp_path / "run" / "results" / "table.json").read_text())
+    assert [r["stage"] for r in record["rows"]] == list(rows)
