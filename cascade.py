@@ -688,9 +688,9 @@ def results_table(rows: list, vocab: int, columns: tuple = ()) -> str:
 
 
 def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: dict, out: Optional[str] = None,
-                columns: tuple = (), notes: tuple = ()) -> dict:
+                columns: tuple = (), notes: tuple = (), tail: str = "") -> dict:
     """<out>/table.md and table.json (out: cfg.out): the retention table, what it measures, and where it was
-    made. An experiment adds its rows, `columns` (see results_table) and `notes`; returns the record header."""
+    made. An experiment adds rows, `columns` (see results_table), `notes` and a markdown `tail`; returns the header."""
     out, h, record = out or cfg.out, ctx.heldout, TR.run_record(**run)
     table = results_table(rows, plan.parent_args.vocab_size, columns)
     notes = [f"kept = (ln V - CE) / (ln V - CE_parent): the share of the parent's gain over a uniform guess that a "
@@ -710,7 +710,7 @@ def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: d
              f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "
              f"{run['loadavg_end']} at the end; wall time on a shared machine is inflated). "
              f"Command: `{record['command']}`."]
-    TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# Cascade retention", table, *notes]) + "\n")
+    TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# Cascade retention", table, *notes]) + "\n" + tail)
     TR.write_json_atomic(os.path.join(out, "table.json"), {"rows": rows, "heldout": h, "run": record,
                                                          "config": dataclasses.asdict(cfg)})
     print("\n" + table + "\n\n" + "\n\n".join(notes), flush=True)

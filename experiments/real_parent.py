@@ -130,11 +130,8 @@ def run_real_parent(cfg: C.CascadeConfig, tcfg: TaskConfig) -> dict:
             f"families: chat_mix.heldout_family drops every chat that touches one.{data} A child's share is its "
             f"correct answers over the parent's; the short children are not scored.")
     out = tcfg.results or os.path.join(cfg.out, "results")
-    C.write_table(cfg, rows, plan, ctx, run, out=out, columns=columns, notes=(note,))
-    path = os.path.join(out, "table.md")
-    with open(path) as f:
-        table = f.read()
-    TR.write_text_atomic(path, table + f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
+    C.write_table(cfg, rows, plan, ctx, run, out=out, columns=columns, notes=(note,),
+                  tail=f"\n## Sample answers (greedy, {SAMPLE_TOKENS} tokens)\n\n" + samples_text(rows))
     return {"rows": rows, "run": run}
 
 
