@@ -705,10 +705,9 @@ def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: d
              *([f"Distillation data: {h['chat_tokens']:,} of the {len(ctx.train_tokens):,} training tokens "
                 f"({100 * h['chat_share']:.1f}%) are the chats of --chat-data {cfg.chat_data} (--chat-share "
                 f"{cfg.chat_share}); the rest is the corpus."] if h.get("chat_tokens") else []),
-             f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch "
-             f"threads), torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, "
-             f"{run['cpu_seconds']:.0f} s CPU (load average {run['loadavg_start']} at the start, "
-             f"{run['loadavg_end']} at the end; wall time on a shared machine is inflated). "
+             f"{TR.run_line(record)}: {run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU (load average "
+             f"{run['loadavg_start']} at the start, {run['loadavg_end']} at the end; wall time on a shared machine "
+             f"is inflated). "
              f"Command: `{record['command']}`."]
     TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# Cascade retention", table, *notes]) + "\n" + tail)
     TR.write_json_atomic(os.path.join(out, "table.json"), {"rows": rows, "heldout": h, "run": record,

@@ -518,6 +518,12 @@ def run_record(**extra) -> dict:
             "loadavg": round(os.getloadavg()[0], 2), **extra}
 
 
+def run_line(record: dict) -> str:
+    """A record header (run_record) as the sentence a table's note starts its run with."""
+    return (f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch "
+            f"threads), torch {record['torch']}, commit {record['commit']}")
+
+
 def _fmt_duration(s: float) -> str:
     s = int(s)
     if s >= 3600:

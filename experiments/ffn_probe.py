@@ -164,9 +164,7 @@ def write_record(cfg, tcfg, rows, plan, ctx, run, logit_gap: float):
              f"experiments/real_parent.py's ({tcfg.math_problems} sums, seed {tcfg.math_seed}).",
              *([f"Calibration data: the cascade's training tokens, {100 * ctx.heldout['chat_share']:.1f}% of them the "
                 f"chats of --chat-data {cfg.chat_data}."] if ctx.heldout.get("chat_tokens") else []),
-             f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch "
-             f"threads), torch {record['torch']}, commit {record['commit']}: {run['seconds']:.0f} s wall, "
-             f"{run['cpu_seconds']:.0f} s CPU. Command: `{record['command']}`."]
+             f"{TR.run_line(record)}: {run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU. Command: `{record['command']}`."]
     table = "\n".join(lines)
     samples = R.samples_text(rows)
     TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# FFN pruning probe", table, *notes])

@@ -370,8 +370,7 @@ def write_post_results(chain: Chain, rows: list, total: dict):
             for r in rows if r["stage"] == "GRPO") + ". ODPO mean PWRM label p of its rollout pairs (0.5 = no "
         "preference, no gradient signal): " + "; ".join(
             f"{r['size']} {r['stage']} {r['training'].get('mean_p', float('nan')):.3f}" for r in rows if "ODPO" in r["stage"]) + ".",
-        f"Run: {record['date']}, {record['device']} ({record['cpus']} CPUs, {record['torch_threads']} torch threads), "
-        f"torch {record['torch']}, commit {record['commit']}: {total['seconds']:.0f} s wall, {total['cpu_seconds']:.0f} s "
+        f"{TR.run_line(record)}: {total['seconds']:.0f} s wall, {total['cpu_seconds']:.0f} s "
         f"CPU for the whole command (the cascade's stages included when they ran); post-training stages "
         f"{sum(r['stage_cpu_seconds'] or 0 for r in rows if r['stage'] != 'base'):.0f} CPU-s. "
         f"Command: `{record['command']}`."]

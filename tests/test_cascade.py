@@ -80,7 +80,11 @@ def test_demo_code_path_small(smoke_run):
     assert rows["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the parent is the teacher
     table = (out / "table.md").read_text()
     assert "| 3b base |" in table and "kept" in table and "commit" in table
-    assert json.loads((out / "table.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    record = json.loads((out / "table.json").read_text())
+    assert record["rows"] == json.loads(json.dumps(result["rows"]))
+    rec = record["run"]  # the note's run sentence carries the record header's fields
+    assert (f"Run: {rec['date']}, {rec['device']} ({rec['cpus']} CPUs, {rec['torch_threads']} torch threads), torch "
+            f"{rec['torch']}, commit {rec['commit']}: {rec['seconds']:.0f} s wall") in table
     # tokens seen, upstream included: the parent's, plus every short stage on the chain, plus the row's own
     parent_tokens = 150 * 8 * 128
     short, long = 20 * 8 * 64, 6 * 8 * 128
