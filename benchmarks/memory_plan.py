@@ -18,7 +18,6 @@ Run: `python benchmarks/memory_plan.py [--gpus 8 4] [--record]` prints the table
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os

@@ -22,7 +22,7 @@ import model as M  # noqa: E402
 import train as T  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy import HELPERS, CycleLoader, ce_loss  # noqa: E402
+from toy import HELPERS, CycleLoader  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data as D  # noqa: E402
-import distill as DI  # noqa: E402
 import model as M  # noqa: E402
 import sft as S  # noqa: E402
 import train as T  # noqa: E402
