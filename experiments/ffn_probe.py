@@ -45,7 +45,7 @@ import train as TR  # noqa: E402
 class ProbeConfig:
     keep: str = "0.75"  # further shares of the parent's FFN units kept by the activation rule (comma-separated)
     random_draws: int = 2  # random variants at the first size's width, one seed each
-    bands: int = 3  # contiguous bands of layers, each pruned alone
+    bands: int = 3  # contiguous bands of layers, each pruned alone (0 = none)
 
 
 def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
@@ -70,7 +70,7 @@ def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
         for i in range(L):
             keep[i, torch.randperm(F, generator=g)[:k]] = True
         out[f"random {k}/{F} (seed {seed})"] = keep
-    edges = [round(b * L / pcfg.bands) for b in range(pcfg.bands + 1)]
+    edges = [round(b * L / pcfg.bands) for b in range(pcfg.bands + 1)] if pcfg.bands else []
     for a, b in zip(edges, edges[1:]):
         out[f"layers {a}-{b - 1} at {k}/{F}"] = top(k, range(a, b))
     flat = torch.zeros(L * F, dtype=torch.bool)
@@ -91,8 +91,9 @@ def masked(model, keep_LF: torch.Tensor):
 def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> dict:
     if cfg.parent is None:
         raise ValueError("this probe prunes a real parent: give --parent PATH (or smollm2)")
-    if pcfg.random_draws < 0 or pcfg.bands < 1:
-        raise ValueError(f"--random-draws {pcfg.random_draws} must be >= 0 and --bands {pcfg.bands} >= 1")
+    for flag, n in (("--random-draws", pcfg.random_draws), ("--bands", pcfg.bands)):
+        if n < 0:
+            raise ValueError(f"{flag} {n} is negative: give 0 (no such variants) or more")
     rank, world, _, device = TR.setup_distributed()
     if world != 1:
         raise ValueError("the FFN probe runs in one process: start it with python, not torchrun")

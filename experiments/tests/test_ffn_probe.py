@@ -32,6 +32,8 @@ def test_variants_keep_the_units_they_name():
     assert torch.equal(v["layers 2-3 at 4/10"][2], top[2])
     g = v["global top 24"]
     assert int(g.sum()) == k * L and bool(g[2].all())  # the pool favours the high-scoring layer
+    none = FP.variants(scores, k, FP.ProbeConfig(keep="0.5", random_draws=0, bands=0))
+    assert list(none) == ["activation 4/10", "activation 5/10", "global top 24"]
 
 
 def test_a_zeroed_unit_is_a_pruned_unit():
