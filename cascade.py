@@ -160,7 +160,7 @@ def run_cascade(cfg: CascadeConfig, preset: Optional[Preset] = None, later_stage
     that --restart-from accepts and removes them too)."""
     rank, world, _, device = TR.setup_distributed()
     try:
-        t0, c0, load0 = time.time(), TR.cpu_seconds(), os.getloadavg()[0]
+        clock = TR.run_clock()
         cfg, preset = resolved(cfg, world, preset)
         ctx, plan = prepare(cfg, preset, rank, world, device, later_stages)
         stages = Stages(cfg.out, ctx)
@@ -187,8 +187,7 @@ def run_cascade(cfg: CascadeConfig, preset: Optional[Preset] = None, later_stage
                      row(cfg, ctx, stages, f"{name} base", f"{name}/long", base, teacher,
                          upstream + short_tokens + stages.info(f"{name}/long")["tokens"])]
             upstream += short_tokens  # the short child seeds the next size; the long stage is upstream of nothing
-        run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
-               "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+        run = clock()
         if rank == 0:
             write_table(cfg, rows, plan, ctx, run)
         if cache is not None:
@@ -707,8 +706,7 @@ def write_table(cfg: CascadeConfig, rows: list, plan: Plan, ctx: Context, run: d
                 f"{cfg.chat_share}); the rest is the corpus."] if h.get("chat_tokens") else []),
              f"{TR.run_line(record)}: {run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU (load average "
              f"{run['loadavg_start']} at the start, {run['loadavg_end']} at the end; wall time on a shared machine "
-             f"is inflated). "
-             f"Command: `{record['command']}`."]
+             f"is inflated). Command: `{record['command']}`."]
     TR.write_text_atomic(os.path.join(out, "table.md"), "\n\n".join(["# Cascade retention", table, *notes]) + "\n" + tail)
     TR.write_json_atomic(os.path.join(out, "table.json"), {"rows": rows, "heldout": h, "run": record,
                                                          "config": dataclasses.asdict(cfg)})

@@ -495,6 +495,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def run_clock():
+    """Start timing a run; calling the returned function gives its wall and CPU seconds so far and the
+    1-minute load average at the start and now (the `run` a record header carries)."""
+    t0, c0, load0 = time.time(), cpu_seconds(), os.getloadavg()[0]
+    return lambda: {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
+                    "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+
+
 def git_commit(short: bool = True) -> Optional[str]:
     """The commit of the code that runs (None outside a git checkout)."""
     try:

@@ -15,7 +15,6 @@ regenerates the committed record (table.md/json, lr_sweep.json, curves.png).
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -114,7 +113,7 @@ def plot_curves(cascade: dict, baseline: dict, path: str):
 
 def run_demo(cfg: C.CascadeConfig, dcfg: DemoConfig) -> dict:
     lrs = parse_lrs(dcfg.baseline_lrs)  # a bad sweep fails before any training
-    t0, c0, load0 = time.time(), TR.cpu_seconds(), os.getloadavg()[0]
+    clock = TR.run_clock()
     cascade = C.run_cascade(cfg, later_stages=tuple(baseline_stage(lr) for lr in lrs))
     cfg, ctx, stages, plan = cascade["cfg"], cascade["ctx"], cascade["stages"], cascade["plan"]
     baseline = run_baseline(cascade, lrs)
@@ -122,9 +121,7 @@ def run_demo(cfg: C.CascadeConfig, dcfg: DemoConfig) -> dict:
     r = C.row(cfg, ctx, stages, f"{last} from scratch (lr {baseline['lr']:g})", baseline["stage"], baseline["path"],
               cascade["teacher"], baseline["tokens"])
     rows = cascade["rows"] + [r | {"seconds": baseline["seconds"], "cpu_seconds": baseline["cpu_seconds"]}]
-    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
-           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
-           "stages_cpu_seconds": round(sum(x["cpu_seconds"] or 0 for x in rows), 1)}
+    run = {**clock(), "stages_cpu_seconds": round(sum(x["cpu_seconds"] or 0 for x in rows), 1)}
     out = dcfg.results or os.path.join(cfg.out, "results")
     sweep = ", ".join(f"lr {x['lr']:g}: {x['val_ce']:.3f}" for x in baseline["sweep"])
     notes = [f"The cascaded children therefore inherit the parent's and the larger children's training; the "

@@ -25,7 +25,6 @@ Run (after `python model.py fetch smollm2`):
 import copy
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +96,7 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
     rank, world, _, device = TR.setup_distributed()
     if world != 1:
         raise ValueError("the FFN probe runs in one process: start it with python, not torchrun")
-    t0, c0, load0 = time.time(), TR.cpu_seconds(), os.getloadavg()[0]
+    clock = TR.run_clock()
     cfg, preset = C.resolved(cfg, world)
     ctx, plan = C.prepare(cfg, preset, rank, world, device)
     stages = C.Stages(cfg.out, ctx)
@@ -139,8 +138,7 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
                      "params": M.num_params(parent.args) - 3 * D * int((~keep_LF).sum()), "ce": ev["ce"],
                      "kl": ev["kl"], "eval_tokens": ev["tokens"], "per_layer": keep_LF.sum(1).tolist(), **scored})
         del model
-    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
-           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+    run = clock()
     write_record(cfg, tcfg, rows, plan, ctx, run, logit_gap=gap)
     return {"rows": rows, "run": run}
 

@@ -112,13 +112,12 @@ def run_real_parent(cfg: C.CascadeConfig, tcfg: TaskConfig) -> dict:
     if tcfg.math_problems < 1 or tcfg.math_new_tokens < 1:
         raise ValueError(f"--math-problems {tcfg.math_problems} and --math-new-tokens {tcfg.math_new_tokens} must "
                          f"be at least 1")
-    t0, c0, load0 = time.time(), TR.cpu_seconds(), os.getloadavg()[0]
+    clock = TR.run_clock()
     cascade = C.run_cascade(cfg)
     cfg, ctx, stages, plan = cascade["cfg"], cascade["ctx"], cascade["stages"], cascade["plan"]
     rows = [r | stage_tasks(tcfg, stages, r["dir"], r["path"], ctx.tok) if not r["stage"].endswith(" short") else r
             for r in cascade["rows"]]  # the short children are not scored (CPU time)
-    run = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1),
-           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+    run = clock()
     columns = tuple((family, family_cell(family, rows[0])) for family in X.HELDOUT)
     # with --chat-data, write_table's own note says which share of the training tokens were chats
     data = "" if cfg.chat_data else " The children distilled on the Python corpus alone."

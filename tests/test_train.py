@@ -403,3 +403,17 @@ def test_evaluate_is_the_token_weighted_mean():
         ref = F.cross_entropy(logits, torch.cat([y for _, y in batches]).flatten(), ignore_index=-100)
     assert T.evaluate(m, loader, ce_loss, 3, device="cpu") == pytest.approx(float(ref), rel=1e-5)
     assert m.training  # mode restored
+
+
+def test_run_clock_tells_wall_from_cpu_time():
+    import time
+    clock = T.run_clock()
+    time.sleep(0.3)  # wall time passes, no CPU is spent
+    slept = clock()
+    assert set(slept) == {"seconds", "cpu_seconds", "loadavg_start", "loadavg_end"}
+    assert slept["seconds"] >= 0.3 and slept["cpu_seconds"] < slept["seconds"]
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # now CPU time is spent too
+        pass
+    busy = clock()
+    assert busy["cpu_seconds"] >= slept["cpu_seconds"] + 0.2 and busy["seconds"] >= slept["seconds"] + 0.2
