@@ -85,7 +85,8 @@ class CascadeConfig:
     #   smollm2`); None = train the embedded tiny parent
     data: Optional[str] = None  # token shards (python data.py prepare) or .txt/.jsonl documents; None = Python corpus
     chat_data: Optional[str] = None  # .jsonl chats ({"messages": [...]}) added to the distillation data, in the
-    #   parent's chat format (data.chat_tokens): data that covers the abilities a chat parent should keep
+    #   parent's chat format (data.chat_tokens): data that covers the abilities a chat parent should keep;
+    #   {"text": ...} lines join as plain documents
     chat_share: Optional[float] = None  # repeat --chat-data until it is about this share of the distillation
     #   tokens (0 < share < 1); None = each chat once
     val_data: Optional[str] = None  # held-out tokens; None = the corpus's own split

@@ -711,9 +711,10 @@ def tokenize_documents(docs: list[str], tok: Tokenizer) -> np.ndarray:
     return out
 
 
-def read_chats(path: str | os.PathLike) -> list[list[dict]]:
-    """Chats from a .jsonl file, one {"messages": [{role, content}, ...]} object per line (blank lines
-    skipped); a malformed line raises ValueError naming path:line."""
+def read_chats(path: str | os.PathLike) -> list[list[dict] | str]:
+    """Chats from a .jsonl file, one {"messages": [{role, content}, ...]} object per line, in order (blank
+    lines skipped). A line may instead be {"text": "..."}, a plain document (returned as the string), so
+    one file can mix chats with plain text. A malformed line raises ValueError naming path:line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"chat file {path} does not exist: give a .jsonl file with one "
@@ -727,10 +728,14 @@ def read_chats(path: str | os.PathLike) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+            if isinstance(row, dict) and "messages" not in row and isinstance(row.get("text"), str) and row["text"]:
+                chats.append(row["text"])
+                continue
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):
-                raise ValueError(f'{path}:{n} has no "messages" list of {{"role", "content"}} objects: write lines '
-                                 f'like {{"messages": [{{"role": "user", "content": "..."}}, ...]}}')
+                raise ValueError(f'{path}:{n} has no "messages" list of {{"role", "content"}} objects (nor a '
+                                 f'non-empty "text"): write lines like {{"messages": [{{"role": "user", '
+                                 f'"content": "..."}}, ...]}} or {{"text": "..."}}')
             chats.append(msgs)
     if not chats:
         raise ValueError(f"chat file {path} holds no chats")
@@ -740,9 +745,13 @@ def read_chats(path: str | os.PathLike) -> list[list[dict]]:
 def chat_tokens(path: str | os.PathLike, tok: Tokenizer) -> np.ndarray:
     """A jsonl file of chats as one uint32 token stream, each chat in the tokenizer's chat format
     (tok.encode_chat: v13 for Tekken, ChatML for a GGUF tokenizer), back to back: distillation data in the
-    format a chat parent's abilities live in. A chat encode_chat refuses raises, naming its line."""
+    format a chat parent's abilities live in. A {"text": ...} line is a plain document, BOS text EOS, as
+    the corpus's documents are. A chat encode_chat refuses raises, naming its line."""
     ids = []
     for n, msgs in enumerate(read_chats(path), 1):
+        if isinstance(msgs, str):
+            ids.append(np.asarray(tok.encode(msgs, bos=True, eos=True), dtype=np.uint32))
+            continue
         try:
             ids.append(np.asarray(tok.encode_chat(msgs)[0], dtype=np.uint32))
         except ValueError as e:

@@ -9,13 +9,17 @@ data: the parent's own greedy answers, in its chat format, to prompts generated 
   - short factual questions from templates and a fixed list;
   - instructions (one sentence about a topic, a synonym, the past tense of a sentence, ...);
   - code: write a function named and documented as one in the Python corpus's training half, or explain
-    a few lines of it.
+    a few lines of it;
+  - optionally (--free-text N) plain text: N of the parent's own samples from BOS alone, with no prompt
+    (temperature --free-temperature, top-p 0.95), written as {"text": ...} lines. A sample of the
+    teacher's own distribution is the nearest a run without the pretraining mix comes to that mix.
 
 The held-out task families (`HELDOUT`) are scored in experiments/real_parent.py and never enter the mix:
 one-digit sums ("What is 3 + 4? ..."), the same sums in number words ("What is the sum of three and
 four?"), and capitals ("What is the capital of Peru?"). `heldout_family` finds them in a prompt or an answer, and a chat
 in which it finds one is dropped, so the mix holds no one-digit sum, no number-word sum and no mention of a
-capital. Sequence-level data from the teacher is the standard recipe; the loss on it stays forward KL
+capital; a free-text sample is dropped also when it names a held-out capital city (so no training text
+states a held-out answer). Sequence-level data from the teacher is the standard recipe; the loss on it stays forward KL
 (distill.py). The cascade reads the file through --chat-data, at the share of the distillation tokens
 given by --chat-share (whole copies of the file).
 
@@ -60,6 +64,7 @@ CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spa
             ("the Philippines", "Manila"), ("Nigeria", "Abuja"))
 
 _ONE_DIGIT_SUM = re.compile(r"(?<![\d.])\d\s*(\+|plus|and)\s*\d(?![\d.])", re.I)
+_CITIES = re.compile(r"\b(%s)\b" % "|".join(city for _, city in CAPITALS), re.I)
 _WORD_SUM = re.compile(r"\b(%s)\b\s*(\+|plus|and)\s*\b(%s)\b" % ("|".join(WORDS[:10]), "|".join(WORDS[:10])), re.I)
 
 
@@ -253,13 +258,32 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: O
     return out
 
 
+def free_text(model, tok, n: int, max_new_tokens: int, temperature: float = 0.8, seed: int = 0,
+              batch: Optional[int] = None) -> list[tuple[str, bool]]:
+    """(text, capped) for n samples of the model from BOS alone, no prompt: text in the teacher's own
+    distribution, on the rollout engine in the model's dtype (top-p 0.95; batches of 32 on the CPU, 256
+    on a GPU, each batch its own sampling seed)."""
+    batch = batch or (32 if model.embed_tokens.weight.device.type == "cpu" else 256)
+    weights = G.RolloutWeights(model)
+    out = []
+    for s in range(0, n, batch):
+        cfg = G.RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
+                              eos_id=tok.eos_id, seed=seed * 1_000_003 + s)
+        r = G.rollout(weights, [[tok.bos_id]] * min(batch, n - s), cfg)
+        for row, capped in zip(r.as_lists(), r.truncated.tolist()):
+            out.append((tok.decode([t for t in row if t != tok.eos_id]).strip(), capped))
+    return out
+
+
 def load_for_answers(path: str) -> torch.nn.Module:
     """A checkpoint in eval mode, on the GPU when there is one, for greedy_answers."""
     return M.load_model(path).eval().to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, seed: int = 0) -> dict:
-    """Write <out> (jsonl chats, each with its "kind") and <out>.json (the counts); returns the counts."""
+def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, seed: int = 0, free: int = 0,
+              free_tokens: int = 128, free_temperature: float = 0.8) -> dict:
+    """Write <out> (jsonl chats, each with its "kind", then `free` plain-text samples of the parent) and
+    <out>.json (the counts); returns the counts."""
     t0, c0 = time.time(), TR.cpu_seconds()
     path = M.resolve_model_path(parent)
     model = load_for_answers(path)
@@ -280,13 +304,24 @@ def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, se
         rows.append({"kind": kind, "capped": capped,
                      "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
         counts[kind] = counts.get(kind, 0) + 1
+    for t, capped in free_text(model, tok, free, free_tokens, free_temperature, seed) if free else ():
+        t = _trim(t) if capped else t
+        if not t:
+            dropped["empty"] += 1
+            continue
+        if heldout_family(t) or _CITIES.search(t):
+            dropped["heldout"] += 1
+            continue
+        rows.append({"kind": "free", "capped": capped, "text": t})
+        counts["free"] = counts.get("free", 0) + 1
     if not rows:
-        raise ValueError(f"none of the parent's {len(prompts)} answers was kept ({dropped}): raise --max-new-tokens "
+        raise ValueError(f"none of the parent's {len(prompts) + free} answers was kept ({dropped}): raise --max-new-tokens "
                          f"(capped answers are cut back to their last full sentence)")
     TR.write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     tokens = len(D.chat_tokens(out, tok))
     summary = {"parent": parent, "prompts": len(prompts), "chats": len(rows), "per_kind": counts, "dropped": dropped,
                "capped": sum(r["capped"] for r in rows), "tokens": tokens, "max_new_tokens": max_new_tokens,
+               **({"free": free, "free_tokens": free_tokens, "free_temperature": free_temperature} if free else {}),
                "seed": seed, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(TR.cpu_seconds() - c0, 1)}
     TR.write_json_atomic(out + ".json", summary)
     return summary
@@ -299,10 +334,17 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=1200, help="prompts generated (default 1200)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="the cap on each answer (default 96)")
     p.add_argument("--seed", type=int, default=0, help="the prompts' seed, and the corpus split's (the cascade's --seed)")
+    p.add_argument("--free-text", type=int, default=0, help="plain-text samples of the parent from BOS added (default 0)")
+    p.add_argument("--free-tokens", type=int, default=128, help="the cap on each free-text sample (default 128)")
+    p.add_argument("--free-temperature", type=float, default=0.8, help="the free text's temperature (default 0.8)")
     a = p.parse_args(argv)
-    if a.prompts < 1 or a.max_new_tokens < 1:
-        p.error("--prompts and --max-new-tokens must be at least 1")
-    code = TR.run_main(lambda: print(json.dumps(build_mix(a.parent, a.out, a.prompts, a.max_new_tokens, a.seed))) or 0,
+    if a.prompts < 0 or a.max_new_tokens < 1 or a.free_text < 0 or a.free_tokens < 1 or a.prompts + a.free_text < 1:
+        p.error("--prompts and --free-text must be at least 0 and not both 0; --max-new-tokens and --free-tokens "
+                "at least 1")
+    if not a.free_temperature > 0:
+        p.error(f"--free-temperature must be positive, got {a.free_temperature}: the samples are drawn, not greedy")
+    code = TR.run_main(lambda: print(json.dumps(build_mix(a.parent, a.out, a.prompts, a.max_new_tokens, a.seed, a.free_text,
+                                                          a.free_tokens, a.free_temperature))) or 0,
                        expected=(ValueError, FileNotFoundError, M.CheckpointError))
     sys.exit(2 if code else 0)
 

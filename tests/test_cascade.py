@@ -504,11 +504,28 @@ def test_chat_data_joins_the_training_stream_in_the_chat_format(tmp_path, capsys
     want = np.concatenate([tok.encode_chat(m)[0] for m in chats])
     assert np.array_equal(np.asarray(with_chats), np.concatenate([np.asarray(without), want]))
     assert plan.fingerprint["chat_data"] == str(path)
-    path.write_text(json.dumps({"messages": chats[0]}) + "\n" + '{"text": "no chat"}\n')
-    assert run_main(SMOKE + ["--out", str(tmp_path / "o2"), "--chat-data", str(path)]) == 2
-    assert f"{path}:2 has no \"messages\" list" in capsys.readouterr().err
+    for bad in ('{"prompt": "no chat"}', '{"text": ""}', '{"messages": []}'):
+        path.write_text(json.dumps({"messages": chats[0]}) + "\n" + bad + "\n")
+        assert run_main(SMOKE + ["--out", str(tmp_path / "o2"), "--chat-data", str(path)]) == 2
+        assert f"{path}:2 has no \"messages\" list" in capsys.readouterr().err
     assert run_main(SMOKE + ["--out", str(tmp_path / "o3"), "--chat-data", str(tmp_path / "nope.jsonl")]) == 2
     assert "--chat-data" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+
+def test_chat_data_text_lines_join_as_plain_documents(tmp_path):
+    """A {"text": ...} line of --chat-data is a plain document, BOS text EOS as the corpus's documents are,
+    in its place among the chats: one file can mix the parent's chats with its free text."""
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"kind": "free", "text": "Plain words."})
+                    + "\n\n" + json.dumps({"messages": chat}) + "\n")
+    assert D.read_chats(path) == [chat, "Plain words.", chat]
+    cfg, preset = C.resolved(C.config_from_argv(SMOKE + ["--out", str(tmp_path / "o"), "--chat-data", str(path)]))
+    tok = C.load_data(cfg, preset, C.make_plan(cfg, preset))[0]
+    once = tok.encode_chat(chat)[0]
+    doc = D.tokenize_documents(["Plain words."], tok)
+    assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id
+    assert np.array_equal(D.chat_tokens(path, tok), np.concatenate([once, doc, once]))
 
 
 def test_chat_share_repeats_the_chats_to_the_share_asked(tmp_path, capsys):

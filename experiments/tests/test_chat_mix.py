@@ -73,6 +73,36 @@ def test_build_mix_drops_answers_that_touch_a_heldout_family(tmp_path, monkeypat
     assert summary["chats"] == len(rows) and json.loads((tmp_path / "mix.jsonl.json").read_text()) == summary
 
 
+def test_free_text_rows_drop_heldout_answers_and_read_as_documents(tmp_path, monkeypatch):
+    """--free-text: the parent's samples become {"text": ...} rows after the chats, filtered as answers are
+    and also dropped when they name a held-out capital city (the answer, without the question)."""
+    parent, _ = tiny_parent_gguf(tmp_path / "p.gguf")
+    canned = [("Lima is lovely in May.", False), ("The capital moved.", False), ("", False),
+              ("One sentence. A cut", True), ("Plain text.", False), ("We met in limassol.", False)]
+    monkeypatch.setattr(X, "greedy_answers", lambda model, tok, prompts, n: [("Fine.", False)] * len(prompts))
+    monkeypatch.setattr(X, "free_text", lambda model, tok, n, *a: canned[:n])
+    out = tmp_path / "mix.jsonl"
+    summary = X.build_mix(str(parent), str(out), n=3, free=6)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("text") for r in rows] == [None] * 3 + ["One sentence.", "Plain text.", "We met in limassol."]
+    assert summary["per_kind"]["free"] == 3 and summary["dropped"] == {"heldout": 2, "empty": 1}
+    tok = D.Tokenizer.from_file(str(parent))
+    assert D.read_chats(out)[3:] == ["One sentence.", "Plain text.", "We met in limassol."]
+    assert summary["tokens"] == len(D.chat_tokens(out, tok))
+
+
+def test_free_text_samples_from_bos_are_seeded_and_distinct(tmp_path):
+    """The tiny parent's free samples on the engine: n of them across batches, the same for the same seed,
+    another draw for another seed, and not one row copied across a batch."""
+    parent, _ = tiny_parent_gguf(tmp_path / "p.gguf")
+    model = X.load_for_answers(str(parent))
+    tok = D.Tokenizer.from_file(str(parent))
+    a = X.free_text(model, tok, 5, 12, seed=0, batch=2)
+    assert len(a) == 5 and a == X.free_text(model, tok, 5, 12, seed=0, batch=2)
+    assert a != X.free_text(model, tok, 5, 12, seed=1, batch=2)
+    assert len({t for t, _ in a}) == 5
+
+
 def test_build_mix_with_a_real_parent_writes_chats_the_cascade_reads(tmp_path, monkeypatch):
     """The tiny random parent's answers run on the engine into chats data.chat_tokens reads (its capped
     answers hold no full sentence, so they are kept whole here; with none kept build_mix refuses)."""
@@ -101,3 +131,13 @@ def test_mix_prompts_skip_a_generated_heldout_question(monkeypatch):
     prompts = X.mix_prompts(40, [])
     assert len(calls) > 2 and not any(X.heldout_family(q) for _, q in prompts)
     assert sum(k == "arithmetic" for k, _ in prompts) == 14
+
+
+def test_cli_refuses_an_empty_mix_and_a_greedy_free_text(tmp_path, capsys):
+    """No prompt and no free text, or free text at temperature 0, is one error line before any model loads."""
+    for argv, said in ((["--prompts", "0"], "not both 0"), (["--free-text", "4", "--free-temperature", "0"],
+                                                             "--free-temperature must be positive")):
+        with pytest.raises(SystemExit) as e:
+            X.main(["--parent", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "m.jsonl")] + argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "m.jsonl").exists()
