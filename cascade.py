@@ -110,6 +110,7 @@ class CascadeConfig:
     teacher_cache_mb: int = 1024  # MiB of teacher outputs kept for batches seen again (distill.TeacherCache); 0 = off
     ckpt_every: Optional[int] = None  # training checkpoint every N steps (plus every 30 min); None = preset's
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
+    calib_corpus: bool = False  # draw them from the corpus, not --chat-data: mixes compared prune alike
     eval_batches: Optional[int] = None  # held-out batches (of micro-batch x world sequences) for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
     layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
@@ -347,7 +348,10 @@ def stage_prune(cfg, ctx, stages, name, source_path, target: M.ModelArgs, calib:
 
 def calibration(cfg: CascadeConfig, ctx: Context) -> list:
     """This rank's share of cfg.calib_seqs training sequences, as [B, T] token batches."""
-    calib_loader = loader(ctx, ctx.train_tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
+    tokens = ctx.train_tokens  # the chats are its tail (load_data)
+    if cfg.calib_corpus:
+        tokens = tokens[:len(tokens) - ctx.heldout.get("chat_tokens", 0)]
+    calib_loader = loader(ctx, tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
     return [calib_loader.batch(i)[0] for i in range(max(1, cfg.calib_seqs // (cfg.micro_batch_size * ctx.world)))]
 
 
@@ -508,6 +512,8 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
                              f"the parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: "
                              f"heads and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
     fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
+    if not cfg.calib_corpus:  # absent when off: a run written before the flag resumes
+        del fp["calib_corpus"]
     fp["parent_args"] = dataclasses.asdict(parent)
     fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
     order = (["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short")] + [f"{n}/long" for n, _ in sizes]
@@ -525,7 +531,7 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
 FIRST_STAGE_CHANGED = {
     **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed",
                      "parent_steps", "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
-    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs"), "init"),
+    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs", "calib_corpus"), "init"),
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
     "long_steps": "long",
 }

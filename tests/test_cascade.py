@@ -528,6 +528,28 @@ def test_chat_data_text_lines_join_as_plain_documents(tmp_path):
     assert np.array_equal(D.chat_tokens(path, tok), np.concatenate([once, doc, once]))
 
 
+def test_calib_corpus_prunes_alike_whatever_the_chats(tmp_path):
+    """--calib-corpus: the pruning's calibration batches come from the corpus alone, so two runs that differ
+    only in --chat-data calibrate on the same sequences; without it the chats move the draw. The flag keys
+    the init stage, and is absent from the fingerprint when off (older runs resume)."""
+    def batches(extra, name):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} {i}?"},
+                                                         {"role": "assistant", "content": "Yes."}]}) + "\n"
+                                for i in range(200)))
+        cfg, preset = C.resolved(C.config_from_argv(SMOKE + ["--out", str(tmp_path / name), "--chat-data", str(path),
+                                                             "--chat-share", "0.5"] + extra))
+        ctx, plan = C.prepare(cfg, preset, 0, 1, torch.device("cpu"))
+        return [b.numpy() for b in C.calibration(cfg, ctx)], plan
+    a, plan = batches(["--calib-corpus"], "a")
+    b, _ = batches(["--calib-corpus"], "b")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert plan.fingerprint["calib_corpus"] is True and C.FIRST_STAGE_CHANGED["calib_corpus"] == "init"
+    c, plan = batches([], "c")
+    d, _ = batches([], "d")
+    assert not all(np.array_equal(x, y) for x, y in zip(c, d, strict=True)) and "calib_corpus" not in plan.fingerprint
+
+
 def test_chat_share_repeats_the_chats_to_the_share_asked(tmp_path, capsys):
     """--chat-share s: the chat stream is whole copies of the file, as many as bring it closest to share s of
     the training tokens; the share reached is recorded; a share without --chat-data, or outside (0, 1), is
