@@ -111,6 +111,7 @@ class CascadeConfig:
     ckpt_every: Optional[int] = None  # training checkpoint every N steps (plus every 30 min); None = preset's
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
     calib_corpus: bool = False  # draw them from the corpus, not --chat-data: mixes compared prune alike
+    calib_data: Optional[str] = None  # draw them from these .jsonl chats/texts instead (comma-separated files)
     eval_batches: Optional[int] = None  # held-out batches (of micro-batch x world sequences) for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
     layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
@@ -351,6 +352,8 @@ def calibration(cfg: CascadeConfig, ctx: Context) -> list:
     tokens = ctx.train_tokens  # the chats are its tail (load_data)
     if cfg.calib_corpus:
         tokens = tokens[:len(tokens) - ctx.heldout.get("chat_tokens", 0)]
+    if cfg.calib_data:  # what the pruning keeps follows what its calibration text exercises
+        tokens = np.concatenate([D.chat_tokens(p, ctx.tok) for p in cfg.calib_data.split(",")])
     calib_loader = loader(ctx, tokens, cfg, cfg.seq_len, seed=cfg.seed + 7)
     return [calib_loader.batch(i)[0] for i in range(max(1, cfg.calib_seqs // (cfg.micro_batch_size * ctx.world)))]
 
@@ -456,6 +459,12 @@ def validate(cfg: CascadeConfig, world: int):
         bad("dtype", repr(cfg.dtype), "is unknown: choose fp32 or bf16")
     if cfg.chat_data is not None and not os.path.isfile(cfg.chat_data):
         bad("chat-data", repr(cfg.chat_data), 'is not a file: give a .jsonl file with one {"messages": [...]} per line')
+    for path in cfg.calib_data.split(",") if cfg.calib_data else ():
+        if not os.path.isfile(path):
+            bad("calib-data", repr(path), 'is not a file: give .jsonl files of {"messages": [...]} or {"text": ...} lines, '
+                "comma-separated")
+    if cfg.calib_data and cfg.calib_corpus:
+        bad("calib-data", repr(cfg.calib_data), "and --calib-corpus each choose the calibration text: give one")
     if cfg.chat_share is not None and (cfg.chat_data is None or not 0 < cfg.chat_share < 1):
         bad("chat-share", cfg.chat_share, "needs --chat-data and a share strictly between 0 and 1")
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -512,8 +521,9 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
                              f"the parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: "
                              f"heads and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
     fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
-    if not cfg.calib_corpus:  # absent when off: a run written before the flag resumes
-        del fp["calib_corpus"]
+    for k in ("calib_corpus", "calib_data"):  # absent when off: a run written before the flags resumes
+        if not fp[k]:
+            del fp[k]
     fp["parent_args"] = dataclasses.asdict(parent)
     fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
     order = (["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short")] + [f"{n}/long" for n, _ in sizes]
@@ -531,7 +541,7 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
 FIRST_STAGE_CHANGED = {
     **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed",
                      "parent_steps", "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
-    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs", "calib_corpus"), "init"),
+    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs", "calib_corpus", "calib_data"), "init"),
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
     "long_steps": "long",
 }

@@ -550,6 +550,29 @@ def test_calib_corpus_prunes_alike_whatever_the_chats(tmp_path):
     assert not all(np.array_equal(x, y) for x, y in zip(c, d, strict=True)) and "calib_corpus" not in plan.fingerprint
 
 
+def test_calib_data_draws_every_calibration_window_from_its_files(tmp_path, capsys):
+    """--calib-data a.jsonl,b.jsonl: each calibration sequence is a window of those files' tokens (chats and
+    text lines), not of the training stream; a missing file, or the flag beside --calib-corpus, is one error."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": f"Alpha beta gamma {i} delta."}) + "\n" for i in range(120)))
+    b.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                  {"role": "assistant", "content": "Sure."}]}) + "\n" for i in range(60)))
+    argv = SMOKE + ["--out", str(tmp_path / "o"), "--calib-data", f"{a},{b}"]
+    cfg, preset = C.resolved(C.config_from_argv(argv))
+    ctx, plan = C.prepare(cfg, preset, 0, 1, torch.device("cpu"))
+    stream = np.concatenate([D.chat_tokens(a, ctx.tok), D.chat_tokens(b, ctx.tok)])
+    text = stream.tobytes()
+    rows = [r for batch in C.calibration(cfg, ctx) for r in batch.numpy().astype(np.uint32)]
+    assert rows and all(r.tobytes() in text for r in rows)
+    corpus = ctx.train_tokens.tobytes()
+    assert not any(r.tobytes() in corpus for r in rows)
+    assert plan.fingerprint["calib_data"] == f"{a},{b}"
+    for bad, said in ((["--calib-data", str(tmp_path / "nope.jsonl")], "is not a file"),
+                      (["--calib-data", str(a), "--calib-corpus"], "give one")):
+        assert run_main(SMOKE + ["--out", str(tmp_path / "o2")] + bad) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
 def test_chat_share_repeats_the_chats_to_the_share_asked(tmp_path, capsys):
     """--chat-share s: the chat stream is whole copies of the file, as many as bring it closest to share s of
     the training tokens; the share reached is recorded; a share without --chat-data, or outside (0, 1), is
