@@ -239,6 +239,12 @@ def _trim(text: str) -> str:
     return text[:cut].rstrip() if cut > 0 else ""
 
 
+def _texts(r, tok) -> list[tuple[str, bool]]:
+    """(text, capped) for every row of a rollout, EOS dropped."""
+    return [(tok.decode([t for t in row if t != tok.eos_id]).strip(), capped)
+            for row, capped in zip(r.as_lists(), r.truncated.tolist())]
+
+
 def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: Optional[int] = None
                    ) -> list[tuple[str, bool]]:
     """(answer, capped) for every prompt: the model's greedy answer through the chat template, on the
@@ -252,9 +258,8 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: O
     out = [None] * len(ids)
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        r = G.rollout(weights, [ids[i] for i in idx], cfg)
-        for i, row, capped in zip(idx, r.as_lists(), r.truncated.tolist()):
-            out[i] = (tok.decode([t for t in row if t != tok.eos_id]).strip(), capped)
+        for i, text in zip(idx, _texts(G.rollout(weights, [ids[i] for i in idx], cfg), tok)):
+            out[i] = text
     return out
 
 
@@ -269,9 +274,7 @@ def free_text(model, tok, n: int, max_new_tokens: int, temperature: float = 0.8,
     for s in range(0, n, batch):
         cfg = G.RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
                               eos_id=tok.eos_id, seed=seed * 1_000_003 + s)
-        r = G.rollout(weights, [[tok.bos_id]] * min(batch, n - s), cfg)
-        for row, capped in zip(r.as_lists(), r.truncated.tolist()):
-            out.append((tok.decode([t for t in row if t != tok.eos_id]).strip(), capped))
+        out += _texts(G.rollout(weights, [[tok.bos_id]] * min(batch, n - s), cfg), tok)
     return out
 
 
@@ -293,27 +296,19 @@ def build_mix(parent: str, out: str, n: int = 1200, max_new_tokens: int = 96, se
     answers = greedy_answers(model, tok, [q for _, q in prompts], max_new_tokens)
     rows, dropped = [], {"heldout": 0, "empty": 0}
     counts = {}
-    for (kind, q), (a, capped) in zip(prompts, answers):
-        a = _trim(a) if capped else a
-        if not a:
-            dropped["empty"] += 1
-            continue
-        if heldout_family(a):
-            dropped["heldout"] += 1
-            continue
-        rows.append({"kind": kind, "capped": capped,
-                     "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+
+    def keep(kind, text, capped, banned, row):  # a capped text cut to its last sentence; empty or held out: dropped
+        text = _trim(text) if capped else text
+        if not text or banned(text):
+            dropped["heldout" if text else "empty"] += 1
+            return
+        rows.append({"kind": kind, "capped": capped, **row(text)})
         counts[kind] = counts.get(kind, 0) + 1
+    for (kind, q), (a, capped) in zip(prompts, answers):
+        keep(kind, a, capped, heldout_family,
+             lambda a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     for t, capped in free_text(model, tok, free, free_tokens, free_temperature, seed) if free else ():
-        t = _trim(t) if capped else t
-        if not t:
-            dropped["empty"] += 1
-            continue
-        if heldout_family(t) or _CITIES.search(t):
-            dropped["heldout"] += 1
-            continue
-        rows.append({"kind": "free", "capped": capped, "text": t})
-        counts["free"] = counts.get("free", 0) + 1
+        keep("free", t, capped, lambda t: heldout_family(t) or _CITIES.search(t), lambda t: {"text": t})
     if not rows:
         raise ValueError(f"none of the parent's {len(prompts) + free} answers was kept ({dropped}): raise --max-new-tokens "
                          f"(capped answers are cut back to their last full sentence)")
