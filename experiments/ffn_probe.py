@@ -10,7 +10,12 @@ so --chat-data and --chat-share matter as they do there). Each variant keeps a s
     the activation rule must beat;
   - "layers a-b": the activation rule at the first size's width in layers a..b only, the other layers whole
     (--bands contiguous bands): which layers the loss comes from;
-  - "global": as many units as the cascade's child keeps, the top scores pooled over all layers.
+  - "global": as many units as the cascade's child keeps, the top scores pooled over all layers;
+  - with --calib-draws n, the activation rows (and each file's own, below) again on n-1 further draws of
+    the same calibration text, other sequences of it: how far the task scores move with the draw alone;
+  - with --sources a.jsonl,b.jsonl, the activation rule on each file's own calibration sequences, and two
+    ways to keep what every file exercises: "max" ranks units by the largest of their per-file scores, each
+    divided by its layer's mean; "rank union" by the best of their per-file ranks in the layer.
 
 A unit is removed by zeroing its down_proj column, which leaves the outputs prune.prune_ffn's surgery gives
 (checked here against prune.prune on the cascade's own variant before anything is scored). Every variant
@@ -23,6 +28,7 @@ Run (after `python model.py fetch smollm2`):
 """
 
 import copy
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -45,24 +51,35 @@ class ProbeConfig:
     keep: str = "0.75"  # further shares of the parent's FFN units kept by the activation rule (comma-separated)
     random_draws: int = 2  # random variants at the first size's width, one seed each
     bands: int = 3  # contiguous bands of layers, each pruned alone (0 = none)
+    sources: str = ""  # chat/text jsonl files scored one by one, then combined (comma-separated; "" = none)
+    calib_draws: int = 1  # calibration draws per text (seeds seed, seed+1, ...): the activation rows' spread
+
+
+def _top(scores_LF: torch.Tensor, k_l: int, layers=None) -> torch.Tensor:
+    """[L, F] keep mask: the top k_l units by score in each of `layers` (default all), the others whole."""
+    L, F = scores_LF.shape
+    keep = torch.ones(L, F, dtype=torch.bool)
+    for i in range(L) if layers is None else layers:
+        keep[i] = False
+        keep[i, scores_LF[i].topk(k_l).indices] = True
+    return keep
+
+
+def widths(k: int, F: int, pcfg: ProbeConfig) -> list:
+    """The first size's FFN width k, then each --keep share of F."""
+    out = [k]
+    for share in (float(s) for s in pcfg.keep.split(",") if s.strip()):
+        if not 0 < share <= 1:
+            raise ValueError(f"--keep {pcfg.keep}: each share must be in (0, 1]")
+        out.append(round(share * F))
+    return out
 
 
 def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
     """{name: [L, F] bool keep mask}: the variants above, from the parent's FFN scores."""
     L, F = scores_LF.shape
-
-    def top(k_l: int, layers=range(L)) -> torch.Tensor:
-        keep = torch.ones(L, F, dtype=torch.bool)
-        for i in layers:
-            keep[i] = False
-            keep[i, scores_LF[i].topk(k_l).indices] = True
-        return keep
-
-    out = {f"activation {k}/{F}": top(k)}
-    for share in (float(s) for s in pcfg.keep.split(",") if s.strip()):
-        if not 0 < share <= 1:
-            raise ValueError(f"--keep {pcfg.keep}: each share must be in (0, 1]")
-        out[f"activation {round(share * F)}/{F}"] = top(round(share * F))
+    top = lambda k_l, layers=None: _top(scores_LF, k_l, layers)  # noqa: E731
+    out = {f"activation {k_l}/{F}": top(k_l) for k_l in widths(k, F, pcfg)}
     for seed in range(pcfg.random_draws):
         g = torch.Generator().manual_seed(seed)
         keep = torch.zeros(L, F, dtype=torch.bool)
@@ -78,6 +95,22 @@ def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
     return out
 
 
+def combined(per_source: dict, k: int, pcfg: ProbeConfig) -> dict:
+    """{name: [L, F] keep mask} from per-file scores {file: [L, F]}: each file's own top units, and the
+    units that matter to any file, by the max of layer-normalised scores and by the best per-file rank."""
+    out = {}
+    for name, s_LF in per_source.items():
+        out.update({f"{name} only {k_l}/{s_LF.shape[1]}": _top(s_LF, k_l) for k_l in widths(k, s_LF.shape[1], pcfg)})
+    stack_SLF = torch.stack(list(per_source.values()))
+    normed = (stack_SLF / stack_SLF.mean(dim=2, keepdim=True)).amax(0)
+    rank_SLF = stack_SLF.argsort(dim=2, descending=True).argsort(dim=2).float()  # 0 = the layer's top unit
+    best_rank = rank_SLF.amin(0) + rank_SLF.mean(0) / (rank_SLF.shape[2] + 1)  # ties: the better mean rank
+    for k_l in widths(k, stack_SLF.shape[2], pcfg):
+        out[f"max {k_l}/{stack_SLF.shape[2]}"] = _top(normed, k_l)
+        out[f"rank union {k_l}/{stack_SLF.shape[2]}"] = _top(-best_rank, k_l)
+    return out
+
+
 @torch.no_grad()
 def masked(model, keep_LF: torch.Tensor):
     """A copy of `model` whose FFN units outside keep_LF contribute nothing (their down_proj columns zeroed)."""
@@ -90,9 +123,14 @@ def masked(model, keep_LF: torch.Tensor):
 def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> dict:
     if cfg.parent is None:
         raise ValueError("this probe prunes a real parent: give --parent PATH (or smollm2)")
+    if pcfg.calib_draws < 1:
+        raise ValueError(f"--calib-draws {pcfg.calib_draws}: give 1 (the cascade's own draw) or more")
     for flag, n in (("--random-draws", pcfg.random_draws), ("--bands", pcfg.bands)):
         if n < 0:
             raise ValueError(f"{flag} {n} is negative: give 0 (no such variants) or more")
+    for path in pcfg.sources.split(",") if pcfg.sources else ():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--sources {path!r} is not a file: give .jsonl files of chats or texts, comma-separated")
     rank, world, _, device = TR.setup_distributed()
     if world != 1:
         raise ValueError("the FFN probe runs in one process: start it with python, not torchrun")
@@ -110,6 +148,22 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
     stats = P.collect_stats(parent, calib, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True)
     scores_LF = stats.ffn_scores.float().cpu()
     masks = variants(scores_LF, target.hidden_dim, pcfg)
+    def scores(draw: int, calib_data=None) -> torch.Tensor:
+        c = dataclasses.replace(cfg, seed=cfg.seed + draw, calib_data=calib_data or cfg.calib_data)
+        batches = calib if c == cfg else [b.to(device) for b in C.calibration(c, ctx)]
+        return P.collect_stats(parent, batches, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True).ffn_scores.float().cpu()
+
+    ks = widths(target.hidden_dim, parent.args.hidden_dim, pcfg)
+    for draw in range(1, pcfg.calib_draws):
+        masks.update({f"activation {k}/{F} (draw {draw})": _top(scores(draw), k) for k, F in
+                      ((k, parent.args.hidden_dim) for k in ks)})
+    if pcfg.sources:
+        per_source = {os.path.basename(p): scores(0, p) for p in pcfg.sources.split(",")}
+        masks.update(combined(per_source, target.hidden_dim, pcfg))
+        for draw in range(1, pcfg.calib_draws):
+            for p in pcfg.sources.split(","):
+                s_LF = scores(draw, p)
+                masks.update({f"{os.path.basename(p)} only {k}/{s_LF.shape[1]} (draw {draw})": _top(s_LF, k) for k in ks})
 
     # The masked copy must be the pruned child: same units (prune.select_ffn_units), same outputs.
     ours = next(iter(masks.values()))

@@ -36,6 +36,26 @@ def test_variants_keep_the_units_they_name():
     assert list(none) == ["activation 4/10", "activation 5/10", "global top 24"]
 
 
+def test_combined_keeps_what_each_source_needs():
+    L, F, k = 2, 8, 4
+    a = torch.full((L, F), 0.1)
+    b = torch.full((L, F), 10.0)  # b's scale is 100x a's: a raw max would let b alone choose
+    a[:, [0, 1]] = torch.tensor([2.0, 1.0])  # source a needs units 0 and 1
+    b[:, [6, 7]] = torch.tensor([300.0, 200.0])  # source b needs units 6 and 7
+    b[:, 5] = 50.0  # b's third unit
+    a[:, 4] = 0.5  # a's third unit, a smaller share of a's mean than unit 5 of b's
+    v = FP.combined({"a": a, "b": b}, k, FP.ProbeConfig(keep=""))
+    assert list(v) == ["a only 4/8", "b only 4/8", "max 4/8", "rank union 4/8"]
+    assert v["a only 4/8"][0, [0, 1]].all() and not v["a only 4/8"][0, [6, 7]].any()
+    assert v["b only 4/8"][0, [6, 7]].all() and not v["b only 4/8"][0, [0, 1]].any()
+    for name in ("max 4/8", "rank union 4/8"):  # each source's top two units survive
+        assert v[name].sum(1).tolist() == [k] * L and v[name][:, [0, 1, 6, 7]].all(), name
+    two = FP.combined({"a": a, "b": b}, 6, FP.ProbeConfig(keep=""))
+    assert two["rank union 6/8"][0].nonzero().flatten().tolist() == [0, 1, 4, 5, 6, 7]  # the third of each
+    # over its layer mean: unit 4 is 1.0 of a's, unit 5 0.67 of b's, every other unit at most 0.2
+    assert two["max 6/8"][0].nonzero().flatten().tolist() == [0, 1, 4, 5, 6, 7]
+
+
 def test_a_zeroed_unit_is_a_pruned_unit():
     import prune as P
     from test_gguf import ARGS, tiny_model
@@ -66,6 +86,35 @@ def test_probe_runs_on_a_tiny_parent(tmp_path):
     assert rows[f"layers 0-1 at {k}/{F}"]["per_layer"] == [k, k, F, F]
     assert rows[f"activation {k}/{F}"]["params"] == rows["parent"]["params"] - 3 * args.dim * (F - k) * L
     table = (tmp_path / "run" / "results" / "table.md").read_text()
+    assert "(draw" not in table and "only" not in table
     assert "| variant | FFN units kept |" in table and "## Sample answers" in table
     record = json.loads((tmp_path / "run" / "results" / "table.json").read_text())
     assert [r["stage"] for r in record["rows"]] == list(rows)
+
+
+@pytest.mark.slow
+def test_probe_scores_further_draws_and_each_source(tmp_path):
+    parent, args = tiny_parent_gguf(tmp_path / "p.gguf")
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = {"a.jsonl": [{"text": f"alpha beta gamma {i} delta epsilon " * 3} for i in range(20)],
+             "b.jsonl": [{"messages": [{"role": "user", "content": f"what is {i} + {i}?"},
+                                       {"role": "assistant", "content": f"{i} + {i} = {2 * i}"}]} for i in range(20)]}
+    for name, rows in lines.items():
+        (src / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "14b", "--seq-len", "32", "--batch-size", "2",
+            "--micro-batch-size", "2", "--calib-seqs", "4", "--eval-batches", "1", "--math-problems", "3",
+            "--math-new-tokens", "3", "--random-draws", "0", "--bands", "0", "--keep", "", "--calib-draws", "2",
+            "--sources", f"{src / 'a.jsonl'},{src / 'b.jsonl'}", "--out", str(tmp_path / "run")]
+    rows = {r["stage"]: r for r in FP.run_probe(*C.parse_args(argv, FP.ProbeConfig, R.TaskConfig))["rows"]}
+    k, F = args.hidden_dim // 2, args.hidden_dim
+    assert list(rows) == ["parent", f"activation {k}/{F}", f"global top {k * args.n_layers}",
+                          f"activation {k}/{F} (draw 1)", f"a.jsonl only {k}/{F}", f"b.jsonl only {k}/{F}",
+                          f"max {k}/{F}", f"rank union {k}/{F}", f"a.jsonl only {k}/{F} (draw 1)",
+                          f"b.jsonl only {k}/{F} (draw 1)"]
+    # other calibration text, other units kept: the two files' own rows are not one child
+    assert rows[f"a.jsonl only {k}/{F}"]["ce"] != rows[f"b.jsonl only {k}/{F}"]["ce"]
+    assert rows[f"activation {k}/{F}"]["ce"] != rows[f"activation {k}/{F} (draw 1)"]["ce"]
+    with pytest.raises(FileNotFoundError, match="--sources"):
+        FP.run_probe(*C.parse_args(argv[:-4] + ["--sources", str(src / "missing.jsonl"), "--out", str(tmp_path / "r2")],
+                                   FP.ProbeConfig, R.TaskConfig))
