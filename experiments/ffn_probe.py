@@ -65,6 +65,11 @@ def _top(scores_LF: torch.Tensor, k_l: int, layers=None) -> torch.Tensor:
     return keep
 
 
+def tops(prefix: str, scores_LF: torch.Tensor, ks: list, suffix: str = "") -> dict:
+    """{"<prefix> k/F<suffix>": keep mask}: each layer's top k units, for each width k in ks."""
+    return {f"{prefix} {k}/{scores_LF.shape[1]}{suffix}": _top(scores_LF, k) for k in ks}
+
+
 def widths(k: int, F: int, pcfg: ProbeConfig) -> list:
     """The first size's FFN width k, then each --keep share of F."""
     out = [k]
@@ -78,8 +83,7 @@ def widths(k: int, F: int, pcfg: ProbeConfig) -> list:
 def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
     """{name: [L, F] bool keep mask}: the variants above, from the parent's FFN scores."""
     L, F = scores_LF.shape
-    top = lambda k_l, layers=None: _top(scores_LF, k_l, layers)  # noqa: E731
-    out = {f"activation {k_l}/{F}": top(k_l) for k_l in widths(k, F, pcfg)}
+    out = tops("activation", scores_LF, widths(k, F, pcfg))
     for seed in range(pcfg.random_draws):
         g = torch.Generator().manual_seed(seed)
         keep = torch.zeros(L, F, dtype=torch.bool)
@@ -88,7 +92,7 @@ def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
         out[f"random {k}/{F} (seed {seed})"] = keep
     edges = [round(b * L / pcfg.bands) for b in range(pcfg.bands + 1)] if pcfg.bands else []
     for a, b in zip(edges, edges[1:]):
-        out[f"layers {a}-{b - 1} at {k}/{F}"] = top(k, range(a, b))
+        out[f"layers {a}-{b - 1} at {k}/{F}"] = _top(scores_LF, k, range(a, b))
     flat = torch.zeros(L * F, dtype=torch.bool)
     flat[scores_LF.flatten().topk(k * L).indices] = True
     out[f"global top {k * L}"] = flat.view(L, F)
@@ -98,14 +102,15 @@ def variants(scores_LF: torch.Tensor, k: int, pcfg: ProbeConfig) -> dict:
 def combined(per_source: dict, k: int, pcfg: ProbeConfig) -> dict:
     """{name: [L, F] keep mask} from per-file scores {file: [L, F]}: each file's own top units, and the
     units that matter to any file, by the max of layer-normalised scores and by the best per-file rank."""
+    stack_SLF = torch.stack(list(per_source.values()))
+    ks = widths(k, stack_SLF.shape[2], pcfg)
     out = {}
     for name, s_LF in per_source.items():
-        out.update({f"{name} only {k_l}/{s_LF.shape[1]}": _top(s_LF, k_l) for k_l in widths(k, s_LF.shape[1], pcfg)})
-    stack_SLF = torch.stack(list(per_source.values()))
+        out.update(tops(f"{name} only", s_LF, ks))
     normed = (stack_SLF / stack_SLF.mean(dim=2, keepdim=True)).amax(0)
     rank_SLF = stack_SLF.argsort(dim=2, descending=True).argsort(dim=2).float()  # 0 = the layer's top unit
     best_rank = rank_SLF.amin(0) + rank_SLF.mean(0) / (rank_SLF.shape[2] + 1)  # ties: the better mean rank
-    for k_l in widths(k, stack_SLF.shape[2], pcfg):
+    for k_l in ks:
         out[f"max {k_l}/{stack_SLF.shape[2]}"] = _top(normed, k_l)
         out[f"rank union {k_l}/{stack_SLF.shape[2]}"] = _top(-best_rank, k_l)
     return out
@@ -128,7 +133,8 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
     for flag, n in (("--random-draws", pcfg.random_draws), ("--bands", pcfg.bands)):
         if n < 0:
             raise ValueError(f"{flag} {n} is negative: give 0 (no such variants) or more")
-    for path in pcfg.sources.split(",") if pcfg.sources else ():
+    paths = pcfg.sources.split(",") if pcfg.sources else []
+    for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--sources {path!r} is not a file: give .jsonl files of chats or texts, comma-separated")
     rank, world, _, device = TR.setup_distributed()
@@ -145,25 +151,23 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
         raise ValueError(f"the first size ({plan.sizes[0][0]}) also cuts layers or the hidden dim; this probe "
                          f"varies the FFN alone: choose a cascade whose first size only narrows the FFN")
     calib = [b.to(device) for b in C.calibration(cfg, ctx)]
-    stats = P.collect_stats(parent, calib, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True)
-    scores_LF = stats.ffn_scores.float().cpu()
-    masks = variants(scores_LF, target.hidden_dim, pcfg)
-    def scores(draw: int, calib_data=None) -> torch.Tensor:
+
+    def scores(draw: int = 0, calib_data=None) -> torch.Tensor:
+        """[L, F] FFN scores on calibration draw `draw` of calib_data (default: the cascade's own text)."""
         c = dataclasses.replace(cfg, seed=cfg.seed + draw, calib_data=calib_data or cfg.calib_data)
         batches = calib if c == cfg else [b.to(device) for b in C.calibration(c, ctx)]
-        return P.collect_stats(parent, batches, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True).ffn_scores.float().cpu()
+        stats = P.collect_stats(parent, batches, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True)
+        return stats.ffn_scores.float().cpu()
 
+    masks = variants(scores(), target.hidden_dim, pcfg)
     ks = widths(target.hidden_dim, parent.args.hidden_dim, pcfg)
     for draw in range(1, pcfg.calib_draws):
-        masks.update({f"activation {k}/{F} (draw {draw})": _top(scores(draw), k) for k, F in
-                      ((k, parent.args.hidden_dim) for k in ks)})
-    if pcfg.sources:
-        per_source = {os.path.basename(p): scores(0, p) for p in pcfg.sources.split(",")}
-        masks.update(combined(per_source, target.hidden_dim, pcfg))
-        for draw in range(1, pcfg.calib_draws):
-            for p in pcfg.sources.split(","):
-                s_LF = scores(draw, p)
-                masks.update({f"{os.path.basename(p)} only {k}/{s_LF.shape[1]} (draw {draw})": _top(s_LF, k) for k in ks})
+        masks.update(tops("activation", scores(draw), ks, f" (draw {draw})"))
+    if paths:
+        masks.update(combined({os.path.basename(p): scores(0, p) for p in paths}, target.hidden_dim, pcfg))
+    for draw in range(1, pcfg.calib_draws):
+        for p in paths:
+            masks.update(tops(f"{os.path.basename(p)} only", scores(draw, p), ks, f" (draw {draw})"))
 
     # The masked copy must be the pruned child: same units (prune.select_ffn_units), same outputs.
     ours = next(iter(masks.values()))

@@ -100,8 +100,8 @@ def test_probe_scores_further_draws_and_each_source(tmp_path):
     lines = {"a.jsonl": [{"text": f"alpha beta gamma {i} delta epsilon " * 3} for i in range(20)],
              "b.jsonl": [{"messages": [{"role": "user", "content": f"what is {i} + {i}?"},
                                        {"role": "assistant", "content": f"{i} + {i} = {2 * i}"}]} for i in range(20)]}
-    for name, rows in lines.items():
-        (src / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, items in lines.items():
+        (src / name).write_text("".join(json.dumps(r) + "\n" for r in items))
     argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "14b", "--seq-len", "32", "--batch-size", "2",
             "--micro-batch-size", "2", "--calib-seqs", "4", "--eval-batches", "1", "--math-problems", "3",
             "--math-new-tokens", "3", "--random-draws", "0", "--bands", "0", "--keep", "", "--calib-draws", "2",
