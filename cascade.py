@@ -166,7 +166,7 @@ def run_cascade(cfg: CascadeConfig, preset: Optional[Preset] = None, later_stage
         clock = TR.run_clock()
         cfg, preset = resolved(cfg, world, preset)
         ctx, plan = prepare(cfg, preset, rank, world, device, later_stages)
-        stages = Stages(cfg.out, ctx)
+        stages = TR.Stages(cfg.out)  # resumable steps under --out (train.py)
 
         parent = stage_parent(cfg, ctx, stages, plan)
         teacher = build(cfg.teacher or parent, ctx, cfg, train=False)
@@ -213,54 +213,6 @@ def row(cfg, ctx, stages, label, stage, path, teacher, tokens_seen) -> dict:
             "cpu_seconds": took.get("cpu_seconds")}
 
 
-# -----------------------------------------------------------------------------
-# Stages: resumable steps of a run under --out
-
-
-class Stages:
-    """A finished stage is skipped: its checkpoint and done.json are read back instead. done.json records the
-    stage's wall and CPU seconds (of the session that finished it) and, for a stage an experiment adds, the
-    `key` of what it was made from: a stage whose key no longer matches is refused, naming --restart-from."""
-
-    def __init__(self, out: str, ctx):
-        self.out, self.ctx, self.started = out, ctx, {}
-
-    def dir(self, name: str) -> str:
-        return os.path.join(self.out, name)
-
-    def done(self, name: str, key: Optional[dict] = None) -> Optional[dict]:
-        info = self.info(name)
-        if info:
-            if key is not None and info.get("key") != json.loads(json.dumps(key)):
-                raise ValueError(f"stage {name} under {self.out} was made from other settings or inputs: pass "
-                                 f"--restart-from {name} to redo it and every later stage, or choose a new --out")
-            TR.print0(f"== stage {name}: finished earlier, skipped")
-            return info
-        self.started[name] = (time.time(), TR.cpu_seconds(), key)
-        return None
-
-    def finish(self, name: str, info: dict) -> dict:
-        """train() has exported <stage>/model; done.json marks the stage finished. Later stages read the
-        export, so the stage's training checkpoints (they only served a resume) are deleted."""
-        t0, c0, key = self.started.pop(name, (time.time(), TR.cpu_seconds(), None))
-        info = info | {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(TR.cpu_seconds() - c0, 2)}
-        if key is not None:
-            info["key"] = key
-        if self.ctx.rank == 0:
-            TR.write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
-            shutil.rmtree(os.path.join(self.dir(name), "ckpt"), ignore_errors=True)
-        TR.barrier()
-        return info
-
-    def info(self, name: str) -> dict:
-        """The stage's done.json ({} for a stage not made yet, or not made by this run, e.g. a given --parent)."""
-        path = os.path.join(self.dir(name), "done.json")
-        if not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)
-
-
 @dataclass
 class Context:
     rank: int
@@ -295,7 +247,7 @@ def build(source, ctx: Context, cfg: CascadeConfig, train=True):
                           init_seed=cfg.seed)
 
 
-def stage_parent(cfg, ctx, stages: Stages, plan) -> str:
+def stage_parent(cfg, ctx, stages: TR.Stages, plan) -> str:
     """The parent checkpoint path: the user's, or the embedded tiny parent trained here. A .gguf parent is
     dequantised once into an HF checkpoint (fp32) that every later stage reads like any other."""
     src = cfg.parent and M.resolve_model_path(cfg.parent)

@@ -8,7 +8,8 @@ is the same across stages and has no loss of its own: the caller passes
 `loss_fn(model, inputs, targets, n_total) -> loss`. Section 5 fixes the normalisation: a sum over valid
 tokens divided by the GLOBAL number of valid tokens of the optimizer step (all micro-batches, all
 ranks), so `train` counts and all-reduces the valid targets before any forward and the gradients of
-all micro-batches and ranks simply add up.
+all micro-batches and ranks simply add up. A run made of several such stages (cascade.py) marks each
+finished one in `Stages`, which skips it on a rerun.
 
 Order of parallelism (torchtitan's): activation checkpointing per block, optional `torch.compile` per
 block, FSDP2 `fully_shard` per block, then the root. Build on the meta device, shard, then materialise
@@ -688,6 +689,54 @@ def export(model: Transformer, path: str, dtype=None, extra_files: Optional[dict
     if rank == 0:
         save_model(model, path, format="hf", dtype=dtype, state_dict=sd, extra_files=extra_files)
     barrier()
+
+
+# -----------------------------------------------------------------------------
+# Stages: a run made of several trainings, each skipped once finished
+
+
+class Stages:
+    """A finished stage is skipped: its checkpoint and done.json are read back instead. done.json records the
+    stage's wall and CPU seconds (of the session that finished it) and, for a stage an experiment adds, the
+    `key` of what it was made from: a stage whose key no longer matches is refused, naming --restart-from."""
+
+    def __init__(self, out: str):
+        self.out, self.started = out, {}
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def done(self, name: str, key: Optional[dict] = None) -> Optional[dict]:
+        info = self.info(name)
+        if info:
+            if key is not None and info.get("key") != json.loads(json.dumps(key)):
+                raise ValueError(f"stage {name} under {self.out} was made from other settings or inputs: pass "
+                                 f"--restart-from {name} to redo it and every later stage, or choose a new --out")
+            print0(f"== stage {name}: finished earlier, skipped")
+            return info
+        self.started[name] = (time.time(), cpu_seconds(), key)
+        return None
+
+    def finish(self, name: str, info: dict) -> dict:
+        """train() has exported <stage>/model; done.json marks the stage finished. Later stages read the
+        export, so the stage's training checkpoints (they only served a resume) are deleted."""
+        t0, c0, key = self.started.pop(name, (time.time(), cpu_seconds(), None))
+        info = info | {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(cpu_seconds() - c0, 2)}
+        if key is not None:
+            info["key"] = key
+        if rank_world()[0] == 0:
+            write_json_atomic(os.path.join(self.dir(name), "done.json"), info)
+            shutil.rmtree(os.path.join(self.dir(name), "ckpt"), ignore_errors=True)
+        barrier()
+        return info
+
+    def info(self, name: str) -> dict:
+        """The stage's done.json ({} for a stage not made yet, or not made by this run, e.g. a given --parent)."""
+        path = os.path.join(self.dir(name), "done.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
 
 # -----------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def run_ablation(cfg: C.CascadeConfig, acfg: AblationConfig) -> dict:
     t0, c0 = time.time(), TR.cpu_seconds()
     cfg, preset = C.resolved(cfg, world, PRESETS.get(cfg.preset))
     ctx, plan = C.prepare(cfg, preset, rank, world, device, later_stages=("ablations", "larger_teacher"))
-    stages = C.Stages(cfg.out, ctx)
+    stages = TR.Stages(cfg.out)
     parent_path = C.stage_parent(cfg, ctx, stages, plan)
     parent = C.build(parent_path, ctx, cfg, train=False)
     DI.attach_teacher_cache(parent, cfg.teacher_cache_mb)
@@ -91,7 +91,7 @@ def run_ablation(cfg: C.CascadeConfig, acfg: AblationConfig) -> dict:
             teacher = parent
             if overrides.get("teacher") == "larger":
                 big = dataclasses.replace(plan, parent_args=larger_teacher(plan.parent_args))
-                big_stages = C.Stages(os.path.join(cfg.out, "larger_teacher"), ctx)
+                big_stages = TR.Stages(os.path.join(cfg.out, "larger_teacher"))
                 big_path = C.stage_parent(cfg, ctx, big_stages, big)
                 teacher = C.build(big_path, ctx, cfg, train=False)
                 teachers[variant] = C.stage_eval(cfg, ctx, big_stages, "parent", big_path, None, cfg.seq_len) | {

@@ -143,7 +143,7 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
     clock = TR.run_clock()
     cfg, preset = C.resolved(cfg, world)
     ctx, plan = C.prepare(cfg, preset, rank, world, device)
-    stages = C.Stages(cfg.out, ctx)
+    stages = TR.Stages(cfg.out)
     parent_path = C.stage_parent(cfg, ctx, stages, plan)
     parent = M.load_model(parent_path, device=device).eval()
     target = plan.sizes[0][1]

@@ -185,7 +185,7 @@ def run_vision_cascade(cfg: C.CascadeConfig) -> dict:
     seq_len = len(probe) + 8  # captions differ by a few tokens; rows are padded to this
     cfg = dataclasses.replace(cfg, seq_len=seq_len, long_seq_len=seq_len)
     ctx = C.Context(0, 1, torch.device("cpu"), None, None, None, tok=tok)
-    stages = C.Stages(out, ctx)
+    stages = TR.Stages(out)
     TR.print0(f"vision demo: {seq_len}-token caption chats, {len(COLOURS) * len(SHAPES) * len(PLACES)} caption "
              f"classes, out {out}")
 

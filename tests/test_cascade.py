@@ -468,8 +468,7 @@ def test_real_children_follow_the_paper_ratios():
 def test_a_stage_made_from_other_inputs_is_refused(tmp_path):
     """A stage an experiment adds carries the key of what it was made from: the same key skips it, another
     key refuses it with the --restart-from hint (not silently reused)."""
-    ctx = C.Context(0, 1, torch.device("cpu"), None, None, None)
-    stages = C.Stages(str(tmp_path), ctx)
+    stages = TR.Stages(str(tmp_path))
     assert stages.done("x/y", key={"lr": 1e-3}) is None
     stages.finish("x/y", {"tokens": 5})
     assert stages.done("x/y", key={"lr": 1e-3})["tokens"] == 5
