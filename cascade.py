@@ -79,7 +79,7 @@ from model import REAL_SIZES, miniature, short_stage_args  # the family's child 
 @dataclass
 class CascadeConfig:
     out: str = "runs/cascade"  # every stage's checkpoint, report and metrics go under here
-    size: str = "3b"  # the last size of the cascade: 14b, 8b or 3b (Algorithm 1 stops there)
+    size: Optional[str] = "3b"  # the last size of the cascade: 14b, 8b or 3b (Algorithm 1 stops there)
     shapes: Optional[str] = None  # custom cascade instead of --size: "layers:dim:ffn[:tied],..." e.g. "4:64:256,3:48:192:tied"
     parent: Optional[str] = None  # HF or Mistral-native checkpoint, a .gguf file, or "smollm2" (`python model.py fetch
     #   smollm2`); None = train the embedded tiny parent
@@ -377,6 +377,8 @@ def resolved(cfg: CascadeConfig, world: int = 1, preset: Optional[Preset] = None
     if cfg.micro_batch_size is None:
         cfg = dataclasses.replace(cfg, micro_batch_size=TR.derive_micro_batch(cfg.batch_size, world,
                                                                            preset.stages["micro_batch_size"]))
+    if cfg.shapes:  # --shapes names the sizes; the record must not show a --size the run never used
+        cfg = dataclasses.replace(cfg, size=None)
     validate(cfg, world)
     return cfg, preset
 
@@ -452,9 +454,9 @@ def parse_shapes(text: str, parent: M.ModelArgs) -> list:
 
 
 def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> Plan:
-    if cfg.size not in REAL_SIZES:
+    if not cfg.shapes and cfg.size not in REAL_SIZES:
         raise ValueError(f"--size {cfg.size!r} is not a cascade size: choose 14b, 8b or 3b (or give --shapes)")
-    names = REAL_SIZES[: REAL_SIZES.index(cfg.size) + 1]
+    names = [] if cfg.shapes else REAL_SIZES[: REAL_SIZES.index(cfg.size) + 1]
     parent = preset.parent if cfg.parent is None else M.read_args(cfg.parent)
     if cfg.shapes:
         sizes = parse_shapes(cfg.shapes, parent)
@@ -473,9 +475,6 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
                              f"the parent has {(parent.n_heads, parent.n_kv_heads, parent.head_dim, parent.vocab_size)}: "
                              f"heads and vocabulary are never pruned (PAPER.md section 4); use a Mistral-family parent")
     fp = {k: getattr(cfg, k) for k in FIRST_STAGE_CHANGED if k not in ("parent_args", "sizes")}
-    for k in ("calib_corpus", "calib_data"):  # absent when off: a run written before the flags resumes
-        if not fp[k]:
-            del fp[k]
     fp["parent_args"] = dataclasses.asdict(parent)
     fp["sizes"] = [[n, a.n_layers, a.dim, a.hidden_dim, a.tied_embeddings] for n, a in sizes]
     order = (["parent"] + [f"{n}/{s}" for n, _ in sizes for s in ("init", "short")] + [f"{n}/long" for n, _ in sizes]
@@ -523,6 +522,9 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True)
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f).get("fingerprint", {})
+        # A setting added after that run was written is absent from its run.json; the run had its default.
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(CascadeConfig)}, default=str))
+        theirs = {**{k: defaults[k] for k in ours if k not in theirs and k in defaults}, **theirs}
         diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
         if diff:
             first = first_changed_stage(diff, ours, theirs, plan.order)

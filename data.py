@@ -638,6 +638,18 @@ def python_corpus(val_fraction: float = 0.05, seed: int = 0) -> tuple[list[str],
     return split_documents([t for t in topics if t] + modules, val_fraction, seed)
 
 
+def jsonl_rows(path: str, lines):
+    """(line number, parsed object) for each non-blank line of a JSON-lines file; a line that is not JSON
+    raises ValueError naming path:line. The one parser behind every .jsonl reader (documents, chats, problems)."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+
+
 def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     """Documents from files: a .txt file is ONE document (file = document boundary); a .jsonl file
     gives one document per line from its "text" field (lines with only "messages", i.e. chat data,
@@ -669,13 +681,7 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
             if text.strip():
                 docs.append(text)
         else:
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+            for n, row in jsonl_rows(path, text.splitlines()):
                 if isinstance(row, dict) and isinstance(row.get("text"), str):
                     if row["text"].strip():
                         docs.append(row["text"])
@@ -721,13 +727,7 @@ def read_chats(path: str | os.PathLike) -> list[list[dict] | str]:
                                 f'{{"messages": [...]}} object per line')
     chats = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+        for n, row in jsonl_rows(path, f):
             if isinstance(row, dict) and "messages" not in row and isinstance(row.get("text"), str) and row["text"]:
                 chats.append(row["text"])
                 continue

@@ -633,15 +633,10 @@ def read_problems(path: str) -> list[dict]:
                                 f'{{"question": ..., "answer": ...}} object per line')
     out = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
-                if not (isinstance(row, dict) and isinstance(row.get("question"), str) and "answer" in row):
-                    raise ValueError(f'{path}:{n} needs a "question" string and an "answer"')
-                out.append({**row, "answer": str(row["answer"])})
+        for n, row in D.jsonl_rows(path, f):
+            if not (isinstance(row, dict) and isinstance(row.get("question"), str) and "answer" in row):
+                raise ValueError(f'{path}:{n} needs a "question" string and an "answer"')
+            out.append({**row, "answer": str(row["answer"])})
     if not out:
         raise ValueError(f"problem file {path} holds no problems")
     return out

@@ -11,6 +11,9 @@ so --chat-data and --chat-share matter as they do there). Each variant keeps a s
   - "layers a-b": the activation rule at the first size's width in layers a..b only, the other layers whole
     (--bands contiguous bands): which layers the loss comes from;
   - "global": as many units as the cascade's child keeps, the top scores pooled over all layers;
+  - with --contribution, "contribution k/F" at the same widths (and on every further draw): each unit
+    scored by mean |a_j| * ||W2[:, j]||, the mean norm of what unit j writes into the residual stream, where
+    the cascade's rule (the paper's) reads the activation a_j alone and ignores how large its output column is;
   - with --calib-draws n, the activation rows (and each file's own, below) again on n-1 further draws of
     the same calibration text, other sequences of it: how far the task scores move with the draw alone;
   - with --sources a.jsonl,b.jsonl, the activation rule on each file's own calibration sequences, and two
@@ -53,6 +56,7 @@ class ProbeConfig:
     bands: int = 3  # contiguous bands of layers, each pruned alone (0 = none)
     sources: str = ""  # chat/text jsonl files scored one by one, then combined (comma-separated; "" = none)
     calib_draws: int = 1  # calibration draws per text (seeds seed, seed+1, ...): the activation rows' spread
+    contribution: bool = False  # also rank units by mean |a_j| * ||W2[:, j]|| (the norm of their residual write)
 
 
 def _top(scores_LF: torch.Tensor, k_l: int, layers=None) -> torch.Tensor:
@@ -117,6 +121,14 @@ def combined(per_source: dict, k: int, pcfg: ProbeConfig) -> dict:
 
 
 @torch.no_grad()
+def contribution(model, scores_LF: torch.Tensor) -> torch.Tensor:
+    """[L, F] mean |a_j| * ||W2[:, j]||: the activation scores scaled by each unit's down_proj column norm.
+    Since unit j writes a_j * W2[:, j] into the residual, this is the mean norm of that write."""
+    col_LF = torch.stack([layer.mlp.down_proj.weight.float().norm(dim=0).cpu() for layer in model.layers])
+    return scores_LF * col_LF
+
+
+@torch.no_grad()
 def masked(model, keep_LF: torch.Tensor):
     """A copy of `model` whose FFN units outside keep_LF contribute nothing (their down_proj columns zeroed)."""
     m = copy.deepcopy(model)
@@ -159,10 +171,16 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
         stats = P.collect_stats(parent, batches, P.PruneConfig(seed=cfg.seed), hidden=False, ffn=True)
         return stats.ffn_scores.float().cpu()
 
-    masks = variants(scores(), target.hidden_dim, pcfg)
+    first = scores()
+    masks = variants(first, target.hidden_dim, pcfg)
     ks = widths(target.hidden_dim, parent.args.hidden_dim, pcfg)
+    if pcfg.contribution:
+        masks.update(tops("contribution", contribution(parent, first), ks))
     for draw in range(1, pcfg.calib_draws):
-        masks.update(tops("activation", scores(draw), ks, f" (draw {draw})"))
+        s_LF = scores(draw)
+        masks.update(tops("activation", s_LF, ks, f" (draw {draw})"))
+        if pcfg.contribution:
+            masks.update(tops("contribution", contribution(parent, s_LF), ks, f" (draw {draw})"))
     if paths:
         masks.update(combined({os.path.basename(p): scores(0, p) for p in paths}, target.hidden_dim, pcfg))
     for draw in range(1, pcfg.calib_draws):
@@ -215,7 +233,9 @@ def write_record(cfg, tcfg, rows, plan, ctx, run, logit_gap: float):
              f"mean |silu(W1 x) * (W3 x)| on the cascade's calibration sequences (prune.select_ffn_units; the first "
              f"row at k is the cascade's own '{first} pruned' child, and zeroing its units matched prune.prune's "
              f"surgery to {logit_gap:.1e} in the logits); 'random' keeps k random units per layer; 'layers a-b' "
-             f"prunes those layers alone; 'global' pools the scores of all layers. Parameters count the units kept.",
+             f"prunes those layers alone; 'global' pools the scores of all layers; 'contribution k/F' ranks units by "
+             f"mean |a_j| * ||W2[:, j]||, the mean norm of their write to the residual. 'draw n' rows use other "
+             f"calibration sequences of the same text (seed + n). Parameters count the units kept.",
              f"CE and KL are on the test half of the held-out text at {cfg.seq_len} tokens ({rows[0]['eval_tokens']:,} "
              f"tokens), as in the cascade's table; kept = (ln V - CE) / (ln V - CE_parent). The task families are "
              f"experiments/real_parent.py's ({tcfg.math_problems} sums, seed {tcfg.math_seed}).",

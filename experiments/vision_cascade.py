@@ -171,6 +171,8 @@ def run_vision_cascade(cfg: C.CascadeConfig) -> dict:
     frozen shared ViT, KL distillation from the parent on the same images; caption accuracy of every model."""
     if cfg.preset not in STAGES:
         raise ValueError(f"the multimodal demo has presets cpu and smoke, not {cfg.preset!r}")
+    if cfg.shapes:
+        raise ValueError("--shapes is not for the multimodal demo: it cascades the named sizes; give --size 14b, 8b or 3b")
     if cfg.size not in C.REAL_SIZES:
         raise ValueError(f"--size {cfg.size!r} is not a cascade size: choose 14b, 8b or 3b")
     st = dict(STAGES[cfg.preset])

@@ -276,6 +276,9 @@ def test_bad_shapes_and_size(tmp_path, capsys):
     assert "zero or negative" in capsys.readouterr().err
     assert run_main(SMOKE + ["--out", str(tmp_path / "o"), "--size", "7b"]) == 2
     assert "is not a cascade size" in capsys.readouterr().err
+    # --shapes names the sizes: the run's config records no --size, and a stray one is not checked
+    cfg, preset = C.resolved(C.config_from_argv(SMOKE + ["--out", str(tmp_path / "s"), "--shapes", "3:48:128"]))
+    assert cfg.size is None and [n for n, _ in C.make_plan(cfg, preset).sizes] == ["s1_3x48x128"]
 
 
 def test_unreadable_parent(tmp_path, capsys):
@@ -530,7 +533,7 @@ def test_chat_data_text_lines_join_as_plain_documents(tmp_path):
 def test_calib_corpus_prunes_alike_whatever_the_chats(tmp_path):
     """--calib-corpus: the pruning's calibration batches come from the corpus alone, so two runs that differ
     only in --chat-data calibrate on the same sequences; without it the chats move the draw. The flag keys
-    the init stage, and is absent from the fingerprint when off (older runs resume)."""
+    the init stage."""
     def batches(extra, name):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} {i}?"},
@@ -546,7 +549,24 @@ def test_calib_corpus_prunes_alike_whatever_the_chats(tmp_path):
     assert plan.fingerprint["calib_corpus"] is True and C.FIRST_STAGE_CHANGED["calib_corpus"] == "init"
     c, plan = batches([], "c")
     d, _ = batches([], "d")
-    assert not all(np.array_equal(x, y) for x, y in zip(c, d, strict=True)) and "calib_corpus" not in plan.fingerprint
+    assert not all(np.array_equal(x, y) for x, y in zip(c, d, strict=True)) and plan.fingerprint["calib_corpus"] is False
+
+
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(tmp_path, capsys):
+    """A run.json without a setting that was added later compares as that setting's default: the run goes
+    on with the default, and a non-default value is refused as any changed setting is."""
+    out = tmp_path / "o"
+    cfg, preset = C.resolved(C.config_from_argv(SMOKE + ["--out", str(out)]))
+    plan = C.make_plan(cfg, preset)
+    C.claim_out_dir(cfg, plan, 0)
+    stored = json.loads((out / "run.json").read_text())
+    for k in ("calib_corpus", "calib_data"):
+        del stored["fingerprint"][k]
+    (out / "run.json").write_text(json.dumps(stored))
+    C.claim_out_dir(cfg, plan, 0, write=False)  # defaults: accepted
+    cfg2, _ = C.resolved(C.config_from_argv(SMOKE + ["--out", str(out), "--calib-corpus"]))
+    with pytest.raises(ValueError, match=r"calib_corpus False -> True.*--restart-from 14b/init"):
+        C.claim_out_dir(cfg2, C.make_plan(cfg2, preset), 0, write=False)
 
 
 def test_calib_data_draws_every_calibration_window_from_its_files(tmp_path, capsys):

@@ -254,6 +254,25 @@ def test_read_documents(tmp_path):
         data.read_documents([tmp_path / "d.jsonl"])
 
 
+def test_every_jsonl_reader_names_the_bad_line(tmp_path):
+    """Documents, chats and GRPO problems share one parser: blank lines are skipped and a line that is not
+    JSON is refused with its file and line number, whichever reader meets it."""
+    import grpo
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    rows = {"docs.jsonl": ({"text": "one"}, data.read_documents),
+            "chats.jsonl": (chat, data.read_chats),
+            "problems.jsonl": ({"question": "1+1?", "answer": 2}, grpo.read_problems)}
+    for name, (row, reader) in rows.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
+        got = reader([path] if reader is data.read_documents else path)
+        assert len(got) == 2, name
+        path.write_text(json.dumps(row) + "\n\n{not json\n")
+        with pytest.raises(ValueError, match=rf"{name}:3 is not valid JSON .*one JSON object per line"):
+            reader([path] if reader is data.read_documents else path)
+    assert [n for n, _ in data.jsonl_rows("x", ["{}", " ", "[1]"])] == [1, 3]
+
+
 def test_shards_roundtrip_and_mismatch(tmp_path, small):
     tokens = data.tokenize_documents(["alpha beta", "gamma ✓ delta"] * 50, small)
     paths = data.write_shards(tokens, tmp_path / "s", small, shard_tokens=300)

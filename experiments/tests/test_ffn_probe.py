@@ -70,6 +70,25 @@ def test_a_zeroed_unit_is_a_pruned_unit():
     assert torch.allclose(zeroed, P.prune_ffn(model, keep)(x), atol=1e-5)  # (prune_ffn works in place)
 
 
+def test_contribution_weighs_each_unit_by_its_output_column():
+    from test_gguf import ARGS, tiny_model
+    model = tiny_model(ARGS).eval()
+    L, F = ARGS.n_layers, ARGS.hidden_dim
+    scores = torch.ones(L, F)
+    scores[:, 0] = 0.5  # unit 0 fires half as much as the others ...
+    with torch.no_grad():
+        for layer in model.layers:
+            w = layer.mlp.down_proj.weight  # [D, F]
+            w.copy_(w / w.norm(dim=0, keepdim=True))  # unit columns of norm 1
+            w[:, 0] *= 10  # ... but writes ten times as much
+            w[:, 1] *= 0.1  # unit 1 fires fully and writes a tenth
+    c = FP.contribution(model, scores)
+    assert torch.allclose(c[:, 0], torch.full((L,), 5.0)) and torch.allclose(c[:, 1], torch.full((L,), 0.1))
+    keep_act, keep_con = FP._top(scores, F - 1), FP._top(c, F - 1)
+    assert not keep_act[:, 0].any() and keep_act[:, 1].all()  # the activation rule drops unit 0
+    assert keep_con[:, 0].all() and not keep_con[:, 1].any()  # the contribution rule drops unit 1
+
+
 @pytest.mark.slow
 def test_probe_runs_on_a_tiny_parent(tmp_path):
     parent, args = tiny_parent_gguf(tmp_path / "p.gguf")
@@ -105,11 +124,12 @@ def test_probe_scores_further_draws_and_each_source(tmp_path):
     argv = ["--parent", str(parent), "--preset", "cpu-real", "--size", "14b", "--seq-len", "32", "--batch-size", "2",
             "--micro-batch-size", "2", "--calib-seqs", "4", "--eval-batches", "1", "--math-problems", "3",
             "--math-new-tokens", "3", "--random-draws", "0", "--bands", "0", "--keep", "", "--calib-draws", "2",
-            "--sources", f"{src / 'a.jsonl'},{src / 'b.jsonl'}", "--out", str(tmp_path / "run")]
+            "--contribution", "--sources", f"{src / 'a.jsonl'},{src / 'b.jsonl'}", "--out", str(tmp_path / "run")]
     rows = {r["stage"]: r for r in FP.run_probe(*C.parse_args(argv, FP.ProbeConfig, R.TaskConfig))["rows"]}
     k, F = args.hidden_dim // 2, args.hidden_dim
     assert list(rows) == ["parent", f"activation {k}/{F}", f"global top {k * args.n_layers}",
-                          f"activation {k}/{F} (draw 1)", f"a.jsonl only {k}/{F}", f"b.jsonl only {k}/{F}",
+                          f"contribution {k}/{F}", f"activation {k}/{F} (draw 1)",
+                          f"contribution {k}/{F} (draw 1)", f"a.jsonl only {k}/{F}", f"b.jsonl only {k}/{F}",
                           f"max {k}/{F}", f"rank union {k}/{F}", f"a.jsonl only {k}/{F} (draw 1)",
                           f"b.jsonl only {k}/{F} (draw 1)"]
     # other calibration text, other units kept: the two files' own rows are not one child
