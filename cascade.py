@@ -112,6 +112,7 @@ class CascadeConfig:
     calib_seqs: Optional[int] = None  # calibration sequences for pruning (paper: a few hundred)
     calib_corpus: bool = False  # draw them from the corpus, not --chat-data: mixes compared prune alike
     calib_data: Optional[str] = None  # draw them from these .jsonl chats/texts instead (comma-separated files)
+    ffn_score: str = "activation"  # FFN units by mean |a_j| (the paper), or "contribution": |a_j| * ||W2[:, j]||
     eval_batches: Optional[int] = None  # held-out batches (of micro-batch x world sequences) for every CE/KL figure
     max_epochs: float = 20.0  # refuse a stage that would revisit the data more often than this
     layer_selection: str = "norm_ratio"  # prune.py: norm_ratio | block_influence | random | last_k
@@ -289,7 +290,8 @@ def stage_prune(cfg, ctx, stages, name, source_path, target: M.ModelArgs, calib:
                  f"ffn={target.hidden_dim}")
         parent = M.load_model(source_path, device=ctx.device)
         calib = [b.to(ctx.device) for b in (calibration(cfg, ctx) if calib is None else calib)]
-        child, report = P.prune(parent, target, calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed))
+        child, report = P.prune(parent, target, calib, P.PruneConfig(layer_method=cfg.layer_selection, seed=cfg.seed,
+                                                                  ffn_score=cfg.ffn_score))
         if ctx.rank == 0:
             M.save_model(child, os.path.join(stages.dir(name), "model"))
             TR.write_json_atomic(os.path.join(stages.dir(name), "report.json"), P.report_to_json(report))
@@ -388,6 +390,8 @@ def validate(cfg: CascadeConfig, world: int):
     def bad(flag, value, fix):
         raise ValueError(f"--{flag} {value} {fix}")
 
+    if cfg.ffn_score not in P.FFN_SCORES:
+        bad("ffn-score", repr(cfg.ffn_score), f"is unknown: choose one of {', '.join(P.FFN_SCORES)}")
     if cfg.layer_selection not in P.LAYER_METHODS:
         bad("layer-selection", repr(cfg.layer_selection), f"is unknown: choose one of {', '.join(P.LAYER_METHODS)}")
     if not cfg.temperature > 0:
@@ -492,7 +496,8 @@ def make_plan(cfg: CascadeConfig, preset: Preset, later_stages: tuple = ()) -> P
 FIRST_STAGE_CHANGED = {
     **dict.fromkeys(("parent", "parent_args", "data", "chat_data", "chat_share", "tokenizer", "preset", "seed",
                      "parent_steps", "lr", "batch_size", "long_seq_len", "dtype"), "parent"),
-    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs", "calib_corpus", "calib_data"), "init"),
+    **dict.fromkeys(("sizes", "seq_len", "layer_selection", "calib_seqs", "calib_corpus", "calib_data",
+                     "ffn_score"), "init"),
     **dict.fromkeys(("teacher", "short_steps", "distill_lr", "temperature", "ce_weight"), "short"),
     "long_steps": "long",
 }

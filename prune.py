@@ -12,6 +12,7 @@ one at a time:
   fold_norms, pca_rotation, rotate_and_slice_hidden
                            one rotation Q for the whole network, then slice the residual width to k
   select_ffn_units         mean |silu(W1 x)_j * (W3 x)_j| per unit j, keep the top k per layer
+                           (ffn_score="contribution", ours: times ||W2[:, j]||, see ffn_contribution)
   prune_ffn                slice W1, W3 rows and W2 columns
   retie_embeddings, untie  tied targets (3B); tie_policy_for picks the policy
   prune                    all of it in order, recomputing statistics after every surgery
@@ -83,6 +84,7 @@ from model import ModelArgs, Transformer, load_model, num_params, read_checkpoin
 
 LAYER_METHODS = ("norm_ratio", "block_influence", "random", "last_k")
 TIE_POLICIES = ("mean", "embedding", "head")
+FFN_SCORES = ("activation", "contribution")  # PruneConfig.ffn_score
 # "auto" (PruneConfig): "head" when the parent is tied, else "mean" (deviation 4, tie_policy_for)
 # The target's positional settings the child takes (deviation 5).
 ROPE_FIELDS = ("rope_theta", "max_seq_len", "yarn_factor", "yarn_original_max_pos", "yarn_beta_fast",
@@ -98,6 +100,7 @@ class PruneConfig:
     mask_first: bool = True  # (ours) also mask position 0 of each row, an attention sink even without BOS
     tie_policy: str = "auto"  # section 4, re-tying a tied target: "auto" (deviation 4), "mean", "embedding" or "head"
     multiple_of: int = 8  # (ours) a pruned dim / FFN width must be a multiple of this (bf16 GEMM alignment)
+    ffn_score: str = "activation"  # section 4's mean |a_j|; "contribution" (ours) scales it by ||W2[:, j]||
     chunk_rows: int = 4096  # rows per fp32 block in surgery and covariance updates: bounds temporary memory
 
     def __post_init__(self):
@@ -105,6 +108,8 @@ class PruneConfig:
             raise ValueError(f"layer_method {self.layer_method!r} is unknown: choose one of {', '.join(LAYER_METHODS)}")
         if self.tie_policy not in ("auto",) + TIE_POLICIES:
             raise ValueError(f"tie_policy {self.tie_policy!r} is unknown: choose one of auto, {', '.join(TIE_POLICIES)}")
+        if self.ffn_score not in FFN_SCORES:
+            raise ValueError(f"ffn_score {self.ffn_score!r} is unknown: choose one of {', '.join(FFN_SCORES)}")
         if self.multiple_of < 1 or self.chunk_rows < 1:
             raise ValueError(f"multiple_of ({self.multiple_of}) and chunk_rows ({self.chunk_rows}) must be >= 1")
 
@@ -500,14 +505,31 @@ class OldWidthRMSNorm(nn.Module):
 # FFN units
 
 
-def select_ffn_units(stats: CalibStats, k: int) -> torch.Tensor:
-    """[L, K] increasing unit indices: per layer the top k by mean |silu(W1 x)_j * (W3 x)_j|."""
+@torch.no_grad()
+def ffn_contribution(model: Transformer, scores_LF: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """[L, F] scores_LF[l, j] * ||W2[:, j]|| of layer l. Unit j writes a_j * W2[:, j] into the residual, so
+    mean |a_j| times the column norm is the mean norm of that write: a unit that fires weakly through a large
+    column can matter more than one that fires strongly through a small one, which |a_j| alone cannot see."""
+    _check_plain(model)
+    out = []
+    for layer in model.layers:
+        w = layer.mlp.down_proj.weight  # [D, F]
+        sq = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+        for r in range(0, w.shape[0], chunk_rows):  # fp32 blocks: no fp32 copy of a whole bf16 matrix
+            sq += w[r:r + chunk_rows].float().pow(2).sum(0, dtype=torch.float64)
+        out.append(sq.sqrt().to(scores_LF.device))
+    return scores_LF * torch.stack(out).to(scores_LF.dtype)
+
+
+def select_ffn_units(stats: CalibStats, k: int, scores_LF: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[L, K] increasing unit indices: per layer the top k by mean |silu(W1 x)_j * (W3 x)_j| (or by
+    scores_LF, e.g. ffn_contribution's)."""
     if stats.ffn_abs_sum is None:
         raise ValueError("these statistics have no FFN sums: collect them with collect_stats(..., ffn=True)")
     Fw = stats.ffn_abs_sum.shape[1]
     if not _is_pos_int(k) or k > Fw:
         raise ValueError(f"cannot keep {k!r} of {Fw} FFN units: k must be an integer in 1..{Fw}")
-    top_LK = torch.topk(stats.ffn_scores, k, dim=1).indices
+    top_LK = torch.topk(stats.ffn_scores if scores_LF is None else scores_LF, k, dim=1).indices
     return top_LK.sort(dim=1).values
 
 
@@ -667,11 +689,13 @@ def prune(model: Transformer, target: Union[str, ModelArgs], calib, config: Opti
     if shrink_ffn:
         if stats is None:
             stats = collect_stats(model, calib, cfg, hidden=False, ffn=True)
-        units_LK = select_ffn_units(stats, tgt.hidden_dim)
         scores_LF = stats.ffn_scores
+        if cfg.ffn_score == "contribution":
+            scores_LF = ffn_contribution(model, scores_LF, cfg.chunk_rows)
+        units_LK = select_ffn_units(stats, tgt.hidden_dim, scores_LF)
         kept_mass_L = scores_LF.gather(1, units_LK.to(scores_LF.device)).sum(1) / scores_LF.sum(1).clamp_min(1e-300)
         prune_ffn(model, units_LK)
-        report["ffn"] = {"scores": scores_LF.float().cpu(), "kept": units_LK.cpu(),
+        report["ffn"] = {"score": cfg.ffn_score, "scores": scores_LF.float().cpu(), "kept": units_LK.cpu(),
                          "kept_score_fraction": kept_mass_L.float().cpu(), "tokens": stats.n_tokens}
 
     # 4. Tying, then the target's RoPE fields (deviation 5).

@@ -13,7 +13,8 @@ so --chat-data and --chat-share matter as they do there). Each variant keeps a s
   - "global": as many units as the cascade's child keeps, the top scores pooled over all layers;
   - with --contribution, "contribution k/F" at the same widths (and on every further draw): each unit
     scored by mean |a_j| * ||W2[:, j]||, the mean norm of what unit j writes into the residual stream, where
-    the cascade's rule (the paper's) reads the activation a_j alone and ignores how large its output column is;
+    the paper's rule reads the activation a_j alone and ignores how large its output column is
+    (prune.ffn_contribution; the cascade's --ffn-score contribution);
   - with --calib-draws n, the activation rows (and each file's own, below) again on n-1 further draws of
     the same calibration text, other sequences of it: how far the task scores move with the draw alone;
   - with --sources a.jsonl,b.jsonl, the activation rule on each file's own calibration sequences, and two
@@ -121,14 +122,6 @@ def combined(per_source: dict, k: int, pcfg: ProbeConfig) -> dict:
 
 
 @torch.no_grad()
-def contribution(model, scores_LF: torch.Tensor) -> torch.Tensor:
-    """[L, F] mean |a_j| * ||W2[:, j]||: the activation scores scaled by each unit's down_proj column norm.
-    Since unit j writes a_j * W2[:, j] into the residual, this is the mean norm of that write."""
-    col_LF = torch.stack([layer.mlp.down_proj.weight.float().norm(dim=0).cpu() for layer in model.layers])
-    return scores_LF * col_LF
-
-
-@torch.no_grad()
 def masked(model, keep_LF: torch.Tensor):
     """A copy of `model` whose FFN units outside keep_LF contribute nothing (their down_proj columns zeroed)."""
     m = copy.deepcopy(model)
@@ -175,12 +168,12 @@ def run_probe(cfg: C.CascadeConfig, pcfg: ProbeConfig, tcfg: R.TaskConfig) -> di
     masks = variants(first, target.hidden_dim, pcfg)
     ks = widths(target.hidden_dim, parent.args.hidden_dim, pcfg)
     if pcfg.contribution:
-        masks.update(tops("contribution", contribution(parent, first), ks))
+        masks.update(tops("contribution", P.ffn_contribution(parent, first), ks))
     for draw in range(1, pcfg.calib_draws):
         s_LF = scores(draw)
         masks.update(tops("activation", s_LF, ks, f" (draw {draw})"))
         if pcfg.contribution:
-            masks.update(tops("contribution", contribution(parent, s_LF), ks, f" (draw {draw})"))
+            masks.update(tops("contribution", P.ffn_contribution(parent, s_LF), ks, f" (draw {draw})"))
     if paths:
         masks.update(combined({os.path.basename(p): scores(0, p) for p in paths}, target.hidden_dim, pcfg))
     for draw in range(1, pcfg.calib_draws):

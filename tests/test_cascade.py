@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import cascade as C  # noqa: E402
 import data as D  # noqa: E402
 import model as M  # noqa: E402
+import prune as P  # noqa: E402
 import train as TR  # noqa: E402
 
 SMOKE = ["--preset", "smoke", "--eval-batches", "2"]
@@ -550,6 +551,20 @@ def test_calib_corpus_prunes_alike_whatever_the_chats(tmp_path):
     c, plan = batches([], "c")
     d, _ = batches([], "d")
     assert not all(np.array_equal(x, y) for x, y in zip(c, d, strict=True)) and plan.fingerprint["calib_corpus"] is False
+
+
+def test_ffn_score_reaches_the_pruning_and_keys_the_init_stage(tmp_path, capsys, monkeypatch):
+    seen = []
+    real = P.prune
+    monkeypatch.setattr(P, "prune", lambda *a, **k: seen.append(a[3].ffn_score) or real(*a, **k))
+    cfg, preset = C.resolved(C.config_from_argv(SMOKE + ["--out", str(tmp_path / "o"), "--ffn-score", "contribution"]))
+    ctx, plan = C.prepare(cfg, preset, 0, 1, torch.device("cpu"))
+    stages = TR.Stages(cfg.out)
+    C.stage_prune(cfg, ctx, stages, "14b/init", C.stage_parent(cfg, ctx, stages, plan), plan.sizes[0][1])
+    assert seen == ["contribution"] and plan.fingerprint["ffn_score"] == "contribution"
+    assert C.FIRST_STAGE_CHANGED["ffn_score"] == "init"
+    assert run_main(SMOKE + ["--out", str(tmp_path / "o2"), "--ffn-score", "norm"]) == 2
+    assert "--ffn-score 'norm' is unknown" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_a_run_written_before_a_setting_existed_resumes_at_its_default(tmp_path, capsys):

@@ -327,6 +327,35 @@ def test_ffn_pruning_keeps_the_top_units():
     torch.testing.assert_close(m.layers[0].mlp(x), want)
 
 
+def test_contribution_score_keeps_the_unit_that_writes_most():
+    """ffn_score="contribution": mean |a_j| * ||W2[:, j]||, the mean norm of what unit j writes. A unit whose
+    down_proj column is scaled by c has its output scaled by c and its activation unchanged: the paper's
+    rule ranks it as before, the contribution rule follows the output. In layer 0 the unit the activation
+    rule ranks last gets a column 1e3 times larger, and its best unit a column 1e-3 times as large."""
+    args = tiny()
+    m = build(args)
+    st = P.collect_stats(m, make_calib(args), hidden=False)
+    weak, strong = int(st.ffn_scores[0].argmin()), int(st.ffn_scores[0].argmax())
+    with torch.no_grad():
+        m.layers[0].mlp.down_proj.weight[:, weak] *= 1e3
+        m.layers[0].mlp.down_proj.weight[:, strong] *= 1e-3
+    st = P.collect_stats(m, make_calib(args), hidden=False)
+    assert int(st.ffn_scores[0].argmin()) == weak  # the activation does not see the column
+    # by hand: the mean norm of the write, over the calibration tokens
+    col = m.layers[0].mlp.down_proj.weight.norm(dim=0)
+    c = P.ffn_contribution(m, st.ffn_scores, chunk_rows=5)  # several fp32 blocks of rows
+    torch.testing.assert_close(c[0], st.ffn_scores[0] * col, rtol=1e-5, atol=0)
+    k = args.hidden_dim // 2
+    child_a, rep_a = P.prune(copy.deepcopy(m), dataclasses.replace(args, hidden_dim=k), make_calib(args))
+    child_c, rep_c = P.prune(copy.deepcopy(m), dataclasses.replace(args, hidden_dim=k), make_calib(args),
+                             P.PruneConfig(ffn_score="contribution"))
+    assert strong in rep_a["ffn"]["kept"][0] and weak not in rep_a["ffn"]["kept"][0]
+    assert weak in rep_c["ffn"]["kept"][0] and strong not in rep_c["ffn"]["kept"][0]
+    assert rep_c["ffn"]["score"] == "contribution" and rep_a["ffn"]["score"] == "activation"
+    with pytest.raises(ValueError, match="ffn_score 'norm' is unknown"):
+        P.PruneConfig(ffn_score="norm")
+
+
 # -- the whole step --------------------------------------------------------------------------------
 
 def test_prune_recomputes_statistics_after_each_surgery(monkeypatch):

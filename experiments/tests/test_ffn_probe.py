@@ -71,6 +71,7 @@ def test_a_zeroed_unit_is_a_pruned_unit():
 
 
 def test_contribution_weighs_each_unit_by_its_output_column():
+    import prune as P
     from test_gguf import ARGS, tiny_model
     model = tiny_model(ARGS).eval()
     L, F = ARGS.n_layers, ARGS.hidden_dim
@@ -82,7 +83,7 @@ def test_contribution_weighs_each_unit_by_its_output_column():
             w.copy_(w / w.norm(dim=0, keepdim=True))  # unit columns of norm 1
             w[:, 0] *= 10  # ... but writes ten times as much
             w[:, 1] *= 0.1  # unit 1 fires fully and writes a tenth
-    c = FP.contribution(model, scores)
+    c = P.ffn_contribution(model, scores)
     assert torch.allclose(c[:, 0], torch.full((L,), 5.0)) and torch.allclose(c[:, 1], torch.full((L,), 0.1))
     keep_act, keep_con = FP._top(scores, F - 1), FP._top(c, F - 1)
     assert not keep_act[:, 0].any() and keep_act[:, 1].all()  # the activation rule drops unit 0
