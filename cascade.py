@@ -528,7 +528,7 @@ def claim_out_dir(cfg: CascadeConfig, plan: Plan, rank: int, write: bool = True)
         with open(path) as f:
             theirs = json.load(f).get("fingerprint", {})
         # A setting added after that run was written is absent from its run.json; the run had its default.
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(CascadeConfig)}, default=str))
+        defaults = json.loads(json.dumps(dataclasses.asdict(CascadeConfig())))
         theirs = {**{k: defaults[k] for k in ours if k not in theirs and k in defaults}, **theirs}
         diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
         if diff:
